@@ -1,0 +1,1 @@
+"""One module per CLI verb; `reconciler.cli` wires them to argparse."""

@@ -1,0 +1,410 @@
+"""The domain model: one meaning for Pipeline, Stage, Project, Run and NodeInfo everywhere.
+
+Everything is built once, at the boundary, from validated YAML (see `state.py`),
+and is immutable from then on. `to_dict` gives back what goes into YAML.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+from reconciler.units import parse_duration, parse_size
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class ProjectState(str, enum.Enum):
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    WAITING = "WAITING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    IDLE = "IDLE"
+    INVALID = "INVALID"
+
+
+class RunState(str, enum.Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    LOST = "LOST"
+
+
+class Desired(str, enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTED = "aborted"
+
+
+def _env(values: Mapping[str, Any] | None) -> dict[str, str]:
+    def text(value: Any) -> str:
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return {str(k): text(v) for k, v in (values or {}).items()}
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 0
+    cpus: float = 1.0
+    memory: int = 1 * GiB
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Resources:
+        data = data or {}
+        return cls(
+            gpus=int(data.get("gpus", 0)),
+            cpus=float(data.get("cpus", 1.0)),
+            memory=parse_size(data.get("memory", 1 * GiB)),
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    image: str
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    resources: Resources = Resources()
+    node_tags: tuple[str, ...] = ()
+    timeout: float | None = None
+    retries: int = 0
+    lost_retries: int = 2
+    pause_after: bool = False
+    gate_timeout: float | None = None
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        return cls(
+            name=data["name"],
+            image=data["image"],
+            command=tuple(data["command"]),
+            env=_env(data.get("env")),
+            secrets=tuple(data.get("secrets", ())),
+            resources=Resources.from_dict(data.get("resources")),
+            node_tags=tuple(data.get("node_tags", ())),
+            timeout=parse_duration(data["timeout"]) if data.get("timeout") is not None else None,
+            retries=int(data.get("retries", 0)),
+            lost_retries=int(data.get("lost_retries", 2)),
+            pause_after=bool(data.get("pause_after", False)),
+            gate_timeout=parse_duration(data["gate_timeout"]) if data.get("gate_timeout") is not None else None,
+            description=data.get("description", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    stages: tuple[Stage, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Pipeline:
+        return cls(
+            name=data["name"],
+            stages=tuple(Stage.from_dict(s) for s in data["stages"]),
+            env=_env(data.get("env")),
+            description=data.get("description", ""),
+            source=data,
+        )
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def index(self, name: str) -> int:
+        return self.stage_names.index(name)
+
+    def after(self, name: str) -> Stage | None:
+        """The stage that follows `name`, or None at the end."""
+        i = self.index(name) + 1
+        return self.stages[i] if i < len(self.stages) else None
+
+    def before(self, name: str) -> Stage | None:
+        i = self.index(name)
+        return self.stages[i - 1] if i > 0 else None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a user asks for in project.yaml's `run:`."""
+
+    request: int = 0
+    from_stage: str | None = None
+    until: str | None = None
+    step: bool = False
+    state: Desired = Desired.RUNNING
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RunSpec:
+        data = data or {}
+        return cls(
+            request=int(data.get("request", 0)),
+            from_stage=data.get("from"),
+            until=data.get("until"),
+            step=bool(data.get("step", False)),
+            state=Desired(data.get("state", "running")),
+        )
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    pipeline: str
+    name: str = ""
+    tags: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    run: RunSpec = RunSpec()
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, project_id: str, data: Mapping[str, Any]) -> Project:
+        return cls(
+            id=project_id,
+            pipeline=data["pipeline"],
+            name=data.get("name", project_id),
+            tags=tuple(data.get("tags", ())),
+            env=_env(data.get("env")),
+            run=RunSpec.from_dict(data.get("run")),
+            description=data.get("description", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    time: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One attempt of one stage: `<request>-<stage>-<attempt>`."""
+
+    id: str
+    request: int
+    stage: str
+    attempt: int
+    state: RunState
+    node: str | None = None
+    gpus: tuple[int, ...] = ()
+    cpus: float = 0.0
+    memory: int = 0
+    claimed: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    image: str | None = None
+    image_digest: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    workspace: str = ""
+    input: str | None = None
+    log: str | None = None
+    result: str | None = None
+    events: tuple[Event, ...] = ()
+
+    @staticmethod
+    def make_id(request: int, stage: str, attempt: int) -> str:
+        return f"{request}-{stage}-{attempt}"
+
+    @property
+    def done(self) -> bool:
+        return self.state is not RunState.RUNNING
+
+    def with_event(self, time: str, message: str, **changes: Any) -> Run:
+        return replace(self, events=self.events + (Event(time, message),), **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Run:
+        return cls(
+            id=data["id"], request=int(data["request"]), stage=data["stage"], attempt=int(data["attempt"]),
+            state=RunState(data["state"]), node=data.get("node"), gpus=tuple(data.get("gpus", ())),
+            cpus=float(data.get("cpus", 0.0)), memory=int(data.get("memory", 0)),
+            claimed=data.get("claimed"), started=data.get("started"), finished=data.get("finished"),
+            exit_code=data.get("exit_code"), reason=data.get("reason"), image=data.get("image"),
+            image_digest=data.get("image_digest"), env=_env(data.get("env")),
+            workspace=data.get("workspace", ""), input=data.get("input"), log=data.get("log"),
+            result=data.get("result"),
+            events=tuple(Event(e["time"], e["message"]) for e in data.get("events", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["gpus"] = list(self.gpus)
+        data["env"] = dict(self.env)
+        data["events"] = [e.to_dict() for e in self.events]
+        keep_none = ("exit_code",) if self.done else ()
+        return {k: v for k, v in data.items() if (v is not None and v != [] and v != {}) or k in keep_none}
+
+
+@dataclass(frozen=True)
+class RequestProgress:
+    """How far the observed request has come."""
+
+    number: int
+    from_stage: str
+    until: str
+    step: bool = False
+    next: str | None = None
+    since: str | None = None
+    waiting_since: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RequestProgress | None:
+        if not data:
+            return None
+        return cls(
+            number=int(data["number"]), from_stage=data["from"], until=data["until"],
+            step=bool(data.get("step", False)), next=data.get("next"), since=data.get("since"),
+            waiting_since=data.get("waiting_since"), env=_env(data.get("env")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"number": self.number, "from": self.from_stage, "until": self.until,
+                                "step": self.step, "next": self.next, "since": self.since}
+        if self.waiting_since:
+            data["waiting_since"] = self.waiting_since
+        data["env"] = dict(self.env)
+        return data
+
+
+@dataclass(frozen=True)
+class Status:
+    state: ProjectState = ProjectState.IDLE
+    message: str | None = None
+    observed_request: int = 0
+    request: RequestProgress | None = None
+    errors: tuple[str, ...] = ()
+    deleted: str | None = None
+    updated: str | None = None
+    runs: tuple[Run, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Status:
+        data = data or {}
+        return cls(
+            state=ProjectState(data.get("state", "IDLE")), message=data.get("message"),
+            observed_request=int(data.get("observed_request", 0)),
+            request=RequestProgress.from_dict(data.get("request")),
+            errors=tuple(data.get("errors", ())), deleted=data.get("deleted"), updated=data.get("updated"),
+            runs=tuple(Run.from_dict(r) for r in data.get("runs", ())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"state": self.state.value, "message": self.message,
+                                "observed_request": self.observed_request,
+                                "request": self.request.to_dict() if self.request else None}
+        if self.errors:
+            data["errors"] = list(self.errors)
+        if self.deleted:
+            data["deleted"] = self.deleted
+        data["updated"] = self.updated
+        data["runs"] = [r.to_dict() for r in self.runs]
+        return data
+
+    def run(self, run_id: str) -> Run | None:
+        return next((r for r in self.runs if r.id == run_id), None)
+
+    @property
+    def active(self) -> list[Run]:
+        return [r for r in self.runs if r.state is RunState.RUNNING]
+
+    def with_run(self, run: Run) -> Status:
+        runs = tuple(run if r.id == run.id else r for r in self.runs)
+        if run.id not in {r.id for r in self.runs}:
+            runs += (run,)
+        return replace(self, runs=runs)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What people decide about a node in winslow.yaml."""
+
+    drain: bool = False
+    reserved_gpus: tuple[int, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    heartbeat: float = 5.0
+    node_timeout: float = 30.0
+    lease: float = 20.0
+    grace: float = 3.0
+    poll: float = 2.0
+    cleanup: float = 3600.0
+    storage_root: str | None = None
+    log_head: int = 1 * MiB
+    log_tail: int = 4 * MiB
+    live_tail: int = 8 * 1024
+    nodes: Mapping[str, NodeSettings] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ClusterConfig:
+        data = data or {}
+        t = data.get("timeouts", {})
+        logs = data.get("logs", {})
+        default = cls()
+        return cls(
+            heartbeat=parse_duration(t.get("heartbeat", default.heartbeat)),
+            node_timeout=parse_duration(t.get("node", default.node_timeout)),
+            lease=parse_duration(t.get("lease", default.lease)),
+            grace=parse_duration(t.get("grace", default.grace)),
+            poll=parse_duration(t.get("poll", default.poll)),
+            cleanup=parse_duration(t.get("cleanup", default.cleanup)),
+            storage_root=data.get("storage", {}).get("root"),
+            log_head=parse_size(logs.get("head", default.log_head)),
+            log_tail=parse_size(logs.get("tail", default.log_tail)),
+            live_tail=parse_size(logs.get("live_tail", default.live_tail)),
+            nodes={name: NodeSettings(drain=bool(s.get("drain", False)),
+                                      reserved_gpus=tuple(s.get("reserved_gpus", ())),
+                                      tags=tuple(s.get("tags", ())))
+                   for name, s in data.get("nodes", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str = ""
+    model: str = ""
+    memory: int = 0
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as others see it through its heartbeat branch."""
+
+    name: str
+    cpus: float = 1.0
+    memory: int = 0
+    gpus: tuple[Gpu, ...] = ()
+    tags: tuple[str, ...] = ()
+    executor: str = "process"
+    tick: int = 0
+    running: tuple[str, ...] = ()  # "<project>/<run>" of runs it has going
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NodeInfo:
+        capacity = data.get("capacity", {})
+        return cls(
+            name=data["name"], cpus=float(capacity.get("cpus", 1.0)), memory=int(capacity.get("memory", 0)),
+            gpus=tuple(Gpu(int(g.get("index", 0)), g.get("uuid", ""), g.get("model", ""), int(g.get("memory", 0)))
+                       for g in capacity.get("gpus", ())),
+            tags=tuple(data.get("tags", ())), executor=data.get("executor", "process"),
+            tick=int(data.get("tick", 0)),
+            running=tuple(f"{r.get('project')}/{r.get('run')}" for r in data.get("runs", ())),
+        )

@@ -1,0 +1,211 @@
+"""Reading a state repo into a snapshot of the model.
+
+The same code reads a folder on disk (`winslow validate`) and a commit of a
+git repo (the reconciler, the viewer). Parsed files are cached by their
+content id (a blob sha, or mtime and size on disk), so a reconcile cycle
+after a commit rereads only the files that commit changed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from reconciler.errors import InvalidFile, Problem
+from reconciler.model import ClusterConfig, Pipeline, Project, Status
+from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
+from reconciler.yamlsafe import Document, parse_yaml
+
+CONFIG = "winslow.yaml"
+
+
+class Tree(Protocol):
+    def entries(self) -> Mapping[str, str]:
+        """Every file path (POSIX, relative to the repo root) with an id that changes with its content."""
+
+    def read(self, path: str) -> bytes: ...
+
+
+class DirectoryTree:
+    """A state repo checked out in a folder (or any folder being validated)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entries(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        config = self.root / CONFIG
+        if config.is_file():
+            found[CONFIG] = _stamp(config)
+        for top in ("pipelines", "projects"):
+            base = self.root / top
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "logs"]
+                for filename in filenames:
+                    if filename.endswith((".yaml", ".yml")):
+                        full = Path(dirpath) / filename
+                        found[full.relative_to(self.root).as_posix()] = _stamp(full)
+        return found
+
+    def read(self, path: str) -> bytes:
+        with open(self.root / path, "rb") as handle:
+            return handle.read()
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_mtime_ns}:{stat.st_size}"
+
+
+@dataclass(frozen=True)
+class ProjectEntry:
+    """Everything the state repo says about one project folder."""
+
+    id: str
+    project: Project | None
+    status: Status
+    lock: Pipeline | None = None
+    lock_request: int = 0
+    problems: tuple[Problem, ...] = ()
+    exists: bool = True
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.problems)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit: str | None
+    config: ClusterConfig
+    pipelines: Mapping[str, Pipeline | None]
+    projects: Mapping[str, ProjectEntry]
+    problems: tuple[Problem, ...] = ()
+    files: int = 0
+    pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
+
+
+class _Parsed:
+    __slots__ = ("value", "problems")
+
+    def __init__(self, value: Any, problems: list[Problem]) -> None:
+        self.value = value
+        self.problems = problems
+
+
+class StateReader:
+    """Builds snapshots, reparsing only files whose content id changed."""
+
+    def __init__(self, include_results: bool = False) -> None:
+        self.include_results = include_results
+        self._cache: dict[tuple[str, str, str], _Parsed] = {}
+        self._meaning: dict[tuple[object, ...], tuple[Project | None, list[Problem]]] = {}
+
+    def _parse(self, tree: Tree, path: str, key: str, kind: str, reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
+        cache_key = (path, key, kind)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        try:
+            value, problems = reader(parse_yaml(tree.read(path), path))
+        except InvalidFile as exc:
+            value, problems = None, list(exc.problems)
+        except OSError as exc:
+            value, problems = None, [Problem(path, 1, 1, f"cannot read: {exc.strerror or exc}")]
+        parsed = _Parsed(value, problems)
+        self._cache[cache_key] = parsed
+        return parsed
+
+    def read(self, tree: Tree, commit: str | None = None) -> Snapshot:
+        entries = tree.entries()
+        problems: list[Problem] = []
+        config = ClusterConfig()
+        if CONFIG in entries:
+            parsed = self._parse(tree, CONFIG, entries[CONFIG], "winslow", read_config)
+            problems += parsed.problems
+            config = parsed.value or config
+        pipelines, pipeline_problems = self._pipelines(tree, entries)
+        for found in pipeline_problems.values():
+            problems += found
+        projects: dict[str, ProjectEntry] = {}
+        for project_id, files in _group_projects(entries).items():
+            entry, found = self._project(tree, entries, project_id, files, pipelines)
+            projects[project_id] = entry
+            problems += found
+        live = set(self._cache)
+        current = {(p, k) for p, k in entries.items()}
+        for stale in [key for key in live if (key[0], key[1]) not in current]:
+            del self._cache[stale]
+        for stale in [key for key in self._meaning if (key[0], key[1]) not in current]:
+            del self._meaning[stale]
+        return Snapshot(commit, config, pipelines, projects, tuple(sorted(problems)), len(entries), pipeline_problems)
+
+    def _pipelines(self, tree: Tree, entries: Mapping[str, str]) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
+        pipelines: dict[str, Pipeline | None] = {}
+        problems: dict[str, tuple[Problem, ...]] = {}
+        for path in sorted(p for p in entries if p.startswith("pipelines/") and p.count("/") == 1):
+            stem = path[len("pipelines/"):].rsplit(".", 1)[0]
+            if path.endswith(".yml"):
+                problems[stem] = (Problem(path, 1, 1, "pipelines must be named .yaml, not .yml"),)
+                continue
+            parsed = self._parse(tree, path, entries[path], "pipeline", lambda doc, s=stem: read_pipeline(doc, s))
+            pipelines[stem] = parsed.value
+            if parsed.problems:
+                problems[stem] = tuple(parsed.problems)
+        return pipelines, problems
+
+    def _project(self, tree: Tree, entries: Mapping[str, str], project_id: str, files: list[str],
+                 pipelines: Mapping[str, Pipeline | None]) -> tuple[ProjectEntry, list[Problem]]:
+        base = f"projects/{project_id}/"
+        problems: list[Problem] = []
+        status = Status()
+        status_path = base + "status.yaml"
+        if status_path in entries:
+            parsed = self._parse(tree, status_path, entries[status_path], "status", lambda doc: read_status(doc, project_id))
+            problems += parsed.problems
+            status = parsed.value or status
+        lock, lock_request = None, 0
+        lock_path = base + "pipeline.lock.yaml"
+        if lock_path in entries:
+            parsed = self._parse(tree, lock_path, entries[lock_path], "pipeline-lock", read_lock)
+            problems += parsed.problems
+            if parsed.value:
+                lock_request, lock = parsed.value
+        if self.include_results:
+            for path in files:
+                if path.startswith(base + "results/"):
+                    problems += self._parse(tree, path, entries[path], "result", lambda doc: (None, read_result(doc))).problems
+        project_path = base + "project.yaml"
+        if project_path not in entries:
+            return ProjectEntry(project_id, None, status, lock, lock_request, (), exists=False), problems
+        project, own = self._project_file(tree, entries, project_path, project_id, pipelines, lock, lock_request)
+        return ProjectEntry(project_id, project, status, lock, lock_request, tuple(own)), problems + own
+
+    def _project_file(self, tree: Tree, entries: Mapping[str, str], path: str, project_id: str,
+                      pipelines: Mapping[str, Pipeline | None], lock: Pipeline | None,
+                      lock_request: int) -> tuple[Project | None, list[Problem]]:
+        """project.yaml's meaning depends on its pipeline too, so that is part of the cache key."""
+        parsed = self._parse(tree, path, entries[path], "document", lambda doc: (doc, []))
+        if parsed.value is None:
+            return None, parsed.problems
+        doc: Document = parsed.value
+        name = doc.data.get("pipeline") if isinstance(doc.data, dict) else None
+        pipeline_key: object = entries.get(f"pipelines/{name}.yaml") if isinstance(name, str) else None
+        if pipeline_key is None:
+            pipeline_key = tuple(sorted(pipelines))
+        key = (path, entries[path], "project", pipeline_key, entries.get(f"projects/{project_id}/pipeline.lock.yaml"))
+        hit = self._meaning.get(key)
+        if hit is None:
+            hit = read_project(doc, project_id, pipelines, lock, lock_request)
+            self._meaning[key] = hit
+        return hit
+
+
+def _group_projects(entries: Iterable[str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for path in entries:
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[0] == "projects":
+            grouped.setdefault(parts[1], []).append(path)
+    return dict(sorted(grouped.items()))

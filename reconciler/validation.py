@@ -1,0 +1,172 @@
+"""Meaning checks: what a schema cannot say (names resolve, stages in order, paths stay inside).
+
+Each `read_*` function turns one parsed file into the model, or returns the
+problems that keep it from being used, each located at its line.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any, Mapping
+
+from reconciler.errors import Problem
+from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
+from reconciler.schemas import check
+from reconciler.units import parse_duration, parse_size
+from reconciler.yamlsafe import Document
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MOUNTS = ("/resources", "/input", "/workspace")
+
+
+def is_safe_id(name: str) -> bool:
+    return bool(SAFE_ID.match(name)) and name not in (".", "..")
+
+
+def escapes(path: str) -> bool:
+    """True when a relative path would leave the folder it is relative to."""
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        return True
+    normal = posixpath.normpath(path)
+    return normal == ".." or normal.startswith("../")
+
+
+def _units(doc: Document, data: Mapping[str, Any], base: tuple[object, ...], sizes: tuple[str, ...], durations: tuple[str, ...]) -> list[Problem]:
+    problems = []
+    for key in sizes:
+        if key in data:
+            try:
+                parse_size(data[key])
+            except ValueError as exc:
+                problems.append(doc.problem(base + (key,), str(exc)))
+    for key in durations:
+        if key in data:
+            try:
+                parse_duration(data[key])
+            except ValueError as exc:
+                problems.append(doc.problem(base + (key,), str(exc)))
+    return problems
+
+
+def read_config(doc: Document) -> tuple[ClusterConfig | None, list[Problem]]:
+    problems = check(doc, "winslow")
+    if problems:
+        return None, problems
+    data = doc.data
+    problems += _units(doc, data.get("timeouts", {}), ("timeouts",), (), ("heartbeat", "node", "lease", "grace", "poll", "cleanup"))
+    problems += _units(doc, data.get("logs", {}), ("logs",), ("head", "tail", "live_tail"), ())
+    root = data.get("storage", {}).get("root")
+    if root is not None and not root.startswith("/"):
+        problems.append(doc.problem(("storage", "root"), f"storage root '{root}' must be an absolute path"))
+    return (None, problems) if problems else (ClusterConfig.from_dict(data), [])
+
+
+def _mount_escapes(value: str) -> bool:
+    for mount in MOUNTS:
+        if value == mount or value.startswith(mount + "/"):
+            normal = posixpath.normpath(value)
+            return not (normal == mount or normal.startswith(mount + "/"))
+    return False
+
+
+def read_pipeline(doc: Document, stem: str) -> tuple[Pipeline | None, list[Problem]]:
+    problems = check(doc, "pipeline")
+    if problems:
+        return None, problems
+    data = doc.data
+    if data["name"] != stem:
+        problems.append(doc.problem(("name",), f"pipeline name '{data['name']}' must match its file name '{stem}'"))
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(data["stages"]):
+        at = ("stages", i)
+        name = stage["name"]
+        if name in seen:
+            problems.append(doc.problem(at + ("name",), f"duplicate stage name '{name}' (also stage {seen[name] + 1})"))
+        seen.setdefault(name, i)
+        problems += _units(doc, stage.get("resources", {}), at + ("resources",), ("memory",), ())
+        problems += _units(doc, stage, at, (), ("timeout", "gate_timeout"))
+        for j, arg in enumerate(stage["command"]):
+            if _mount_escapes(arg):
+                problems.append(doc.problem(at + ("command", j), f"path '{arg}' leaves its mount"))
+        for key, value in stage.get("env", {}).items():
+            if isinstance(value, str) and _mount_escapes(value):
+                problems.append(doc.problem(at + ("env", key), f"path '{value}' leaves its mount"))
+    return (None, problems) if problems else (Pipeline.from_dict(data), [])
+
+
+def _stage_range(doc: Document, run: Mapping[str, Any], pipeline: Pipeline) -> list[Problem]:
+    problems = []
+    names = pipeline.stage_names
+    for key in ("from", "until"):
+        if key in run and run[key] not in names:
+            problems.append(doc.problem(("run", key), f"'{key}: {run[key]}' names no stage of pipeline '{pipeline.name}' (stages: {', '.join(names)})"))
+    if not problems and "from" in run and "until" in run and names.index(run["until"]) < names.index(run["from"]):
+        problems.append(doc.problem(("run", "until"), f"'until: {run['until']}' comes before 'from: {run['from']}' in pipeline '{pipeline.name}'"))
+    return problems
+
+
+def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipeline | None],
+                 locked: Pipeline | None = None, locked_request: int = 0) -> tuple[Project | None, list[Problem]]:
+    """A project, checked against the pipelines of the same commit.
+
+    A request that has already begun runs on its locked pipeline, so a pipeline
+    deleted or broken since then does not make the project invalid.
+    """
+    problems = []
+    if not is_safe_id(project_id):
+        problems.append(doc.problem((), f"project folder '{project_id}' is not a safe name (letters, digits, '_', '.', '-'; at most 64)"))
+    problems += check(doc, "project")
+    if problems:
+        return None, problems
+    data = doc.data
+    run = data.get("run", {})
+    name = data["pipeline"]
+    pipeline = pipelines.get(name)
+    if pipeline is None and locked is not None and int(run.get("request", 0)) == locked_request:
+        pipeline = locked
+    if pipeline is None:
+        if name in pipelines:
+            problems.append(doc.problem(("pipeline",), f"pipeline '{name}' is invalid (see pipelines/{name}.yaml)"))
+        else:
+            known = ", ".join(sorted(pipelines)) or "none"
+            problems.append(doc.problem(("pipeline",), f"pipeline '{name}' does not exist (known: {known})"))
+    else:
+        problems += _stage_range(doc, run, pipeline)
+    for key, value in data.get("env", {}).items():
+        if isinstance(value, str) and _mount_escapes(value):
+            problems.append(doc.problem(("env", key), f"path '{value}' leaves its mount"))
+    return (None, problems) if problems else (Project.from_dict(project_id, data), [])
+
+
+def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Problem]]:
+    problems = check(doc, "status")
+    if problems:
+        return None, problems
+    for i, run in enumerate(doc.data.get("runs", [])):
+        expected = Run.make_id(run["request"], run["stage"], run["attempt"])
+        if run["id"] != expected:
+            problems.append(doc.problem(("runs", i, "id"), f"run id '{run['id']}' does not match its request, stage and attempt ('{expected}')"))
+        for key in ("log", "result"):
+            if run.get(key) and escapes(run[key]):
+                problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' leaves the state repo"))
+        for key in ("workspace", "input"):
+            if run.get(key) and (escapes(run[key]) or not run[key].startswith(f"workspaces/{project_id}/")):
+                problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' is not inside workspaces/{project_id}/"))
+    return (None, problems) if problems else (Status.from_dict(doc.data), [])
+
+
+def read_lock(doc: Document) -> tuple[tuple[int, Pipeline] | None, list[Problem]]:
+    problems = check(doc, "pipeline-lock")
+    if problems:
+        return None, problems
+    return (int(doc.data["request"]), Pipeline.from_dict(doc.data["pipeline"])), []
+
+
+def read_result(doc: Document) -> list[Problem]:
+    problems = check(doc, "result")
+    if problems:
+        return problems
+    for i, entry in enumerate(doc.data["files"]):
+        if escapes(entry["path"]):
+            problems.append(doc.problem(("files", i, "path"), f"path '{entry['path']}' leaves the workspace"))
+    return problems
