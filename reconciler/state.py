@@ -101,6 +101,7 @@ class StateReader:
         self.include_results = include_results
         self._cache: dict[tuple[str, str, str], _Parsed] = {}
         self._meaning: dict[tuple[object, ...], tuple[Project | None, list[Problem]]] = {}
+        self.last: Snapshot | None = None
 
     def _parse(self, tree: Tree, path: str, key: str, kind: str, reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
         cache_key = (path, key, kind)
@@ -139,7 +140,8 @@ class StateReader:
             del self._cache[stale]
         for stale in [key for key in self._meaning if (key[0], key[1]) not in current]:
             del self._meaning[stale]
-        return Snapshot(commit, config, pipelines, projects, tuple(sorted(problems)), len(entries), pipeline_problems)
+        self.last = Snapshot(commit, config, pipelines, projects, tuple(sorted(problems)), len(entries), pipeline_problems)
+        return self.last
 
     def _pipelines(self, tree: Tree, entries: Mapping[str, str]) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
         pipelines: dict[str, Pipeline | None] = {}

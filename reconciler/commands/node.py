@@ -1,0 +1,76 @@
+"""`winslow node`: run the reconciler daemon on this machine."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+from pathlib import Path
+
+from reconciler.errors import ConfigError
+from reconciler.units import parse_duration
+
+
+def default_work(name: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "winslow" / name
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("node", help="run a reconciler node (the daemon)",
+                            description="Run a reconciler: pull the state repo, claim stages that fit this node, run "
+                                        "them, and commit status, logs and results back. Flags override winslow.yaml.")
+    parser.add_argument("--repo", required=True, help="URL or path of the state repo's remote")
+    parser.add_argument("--storage", required=True, type=Path, help="storage root (local folder or shared mount)")
+    parser.add_argument("--name", default=socket.gethostname().split(".")[0], help="node name (default: host name)")
+    parser.add_argument("--executor", choices=("docker", "process"), default="docker",
+                        help="run stages as Docker containers (default) or as host processes")
+    parser.add_argument("--work", type=Path, help="node's own folder: repo mirror, journal (default: "
+                                                  "$XDG_STATE_HOME/winslow/NAME)")
+    parser.add_argument("--secrets", type=Path, help="folder with one file per secret (name = file name)")
+    parser.add_argument("--tag", action="append", default=[], help="node tag matched by stages' node_tags (repeatable)")
+    parser.add_argument("--heartbeat", help="heartbeat interval (default from winslow.yaml, else 5s)")
+    parser.add_argument("--node-timeout", help="a silent node is lost after this (default 30s)")
+    parser.add_argument("--lease", help="stop own containers when no heartbeat could be pushed for this (default 20s)")
+    parser.add_argument("--poll", help="poll interval for remotes that cannot be watched (default 2s)")
+    parser.set_defaults(func=run)
+
+
+def _seconds(value: str | None, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from reconciler.node import Node, NodeOptions
+    from reconciler.validation import is_safe_id
+
+    if not is_safe_id(args.name):
+        raise ConfigError(f"--name {args.name!r} is not a safe node name (letters, digits, '_', '.', '-')")
+    options = NodeOptions(
+        name=args.name, repo=args.repo, storage=args.storage.resolve(), work=(args.work or default_work(args.name)).resolve(),
+        executor=args.executor, secrets=args.secrets, tags=tuple(args.tag),
+        heartbeat=_seconds(args.heartbeat, "--heartbeat"), node_timeout=_seconds(args.node_timeout, "--node-timeout"),
+        lease=_seconds(args.lease, "--lease"), poll=_seconds(args.poll, "--poll"))
+    if args.executor == "docker":
+        _check_docker()
+    node = Node(options)
+    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set() or node.wake.set())
+    try:
+        node.run_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _check_docker() -> None:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+    except Exception as exc:
+        raise ConfigError(f"no Docker engine answers ({type(exc).__name__}); start dockerd or use --executor process") from None

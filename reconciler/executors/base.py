@@ -1,0 +1,114 @@
+"""The interface every executor implements, and what they share.
+
+An executor starts a stage, tells when it exited (through the `on_exit`
+callback, from its own thread, at once), stops it on request, and lists the
+runs it has going so that a restarted node can adopt them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+LABEL_PROJECT = "winslow.project"
+LABEL_RUN = "winslow.run"
+LABEL_NODE = "winslow.node"
+LABEL_STAGE = "winslow.stage"
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything an executor needs to start one run; paths are on the node."""
+
+    project: str
+    run_id: str
+    stage: str
+    node: str
+    image: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    resources_dir: Path
+    workspace_dir: Path
+    input_dir: Path | None
+    log_path: Path
+    gpus: tuple[int, ...] = ()
+    cpus: float | None = None
+    memory: int | None = None
+    timeout: float | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    started: str
+    image_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """A fact observed on the node: a run's program ended."""
+
+    project: str
+    run_id: str
+    exit_code: int | None
+    finished: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RunningInfo:
+    project: str
+    run_id: str
+    started: str | None = None
+
+
+ExitCallback = Callable[[ExitInfo], None]
+
+
+class Executor(Protocol):
+    name: str
+
+    def start(self, spec: LaunchSpec) -> StartInfo:
+        """Start the run; ExecutorError with a reason a person understands when it cannot."""
+
+    def stop(self, project: str, run_id: str, reason: str) -> None:
+        """Stop the run now (TERM, then KILL after a short grace); its exit is still reported."""
+
+    def running(self) -> list[RunningInfo]:
+        """Runs of this node that are alive, including ones started before a restart."""
+
+    def close(self) -> None:
+        """Stop watching (containers keep running)."""
+
+
+def stage_env(spec: LaunchSpec, resources: str, input_dir: str | None, workspace: str) -> dict[str, str]:
+    """The environment a stage sees: Winslow's variables, then the stage env and secrets."""
+    env = {
+        "WINSLOW_PROJECT": spec.project,
+        "WINSLOW_STAGE": spec.stage,
+        "WINSLOW_RUN": spec.run_id,
+        "WINSLOW_NODE": spec.node,
+        "WINSLOW_RESOURCES": resources,
+        "WINSLOW_INPUT": input_dir or "",
+        "WINSLOW_WORKSPACE": workspace,
+    }
+    env.update(spec.env)
+    env.update(spec.secrets)
+    if spec.gpus:
+        visible = ",".join(str(g) for g in spec.gpus)
+        env.setdefault("NVIDIA_VISIBLE_DEVICES", visible)
+        env.setdefault("CUDA_VISIBLE_DEVICES", visible)
+    return env
+
+
+def expand(command: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
+    """Replace `${VAR}` in each argument from the stage's environment (unknown names stay)."""
+    return [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), arg) for arg in command]

@@ -1,0 +1,263 @@
+"""The node daemon: sync -> decide -> act -> report, woken by events.
+
+One thread runs the cycle; a second keeps the heartbeat branch fresh; the
+executor's threads report exits; a watcher reports remote changes. All of
+them only set the `wake` event or write to the journal: the cycle is the one
+place that reads the state repo and commits.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from reconciler import __version__
+from reconciler.decide import Claim, Me, Plan, World, decide
+from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
+from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, utcnow
+from reconciler.gitsync import StateRepo
+from reconciler.liveness import Liveness
+from reconciler.pulse import Heartbeat
+from reconciler.journal import Fact, Journal
+from reconciler.report import changes, message
+from reconciler.resume import push_resume
+from reconciler.state import StateReader
+from reconciler.storage import LocalStorage
+from reconciler.wake import RemoteWatcher
+
+log = logging.getLogger("winslow.node")
+MAX_CAS_RETRIES = 20
+
+
+@dataclass
+class NodeOptions:
+    name: str
+    repo: str
+    storage: Path
+    work: Path
+    executor: str = "process"
+    secrets: Path | None = None
+    tags: tuple[str, ...] = ()
+    heartbeat: float | None = None   # overrides winslow.yaml when given
+    node_timeout: float | None = None
+    lease: float | None = None
+    poll: float | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path) -> Executor:
+    if kind == "docker":
+        from reconciler.executors.docker import DockerExecutor
+        return DockerExecutor(name, on_exit)
+    from reconciler.executors.process import ProcessExecutor
+    return ProcessExecutor(name, on_exit, work / "processes")
+
+
+class Node:
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.name = options.name
+        options.work.mkdir(parents=True, exist_ok=True)
+        identity = {"GIT_AUTHOR_NAME": f"winslow {self.name}", "GIT_AUTHOR_EMAIL": f"{self.name}@winslow",
+                    "GIT_COMMITTER_NAME": f"winslow {self.name}", "GIT_COMMITTER_EMAIL": f"{self.name}@winslow"}
+        self.repo = StateRepo(options.repo, options.work / "state.git", identity)
+        self.storage = LocalStorage(options.storage)
+        self.journal = Journal(options.work / "journal.jsonl")
+        self.reader = StateReader()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.executor = make_executor(options.executor, self.name, self._on_exit, options.work)
+        self.liveness = Liveness(self.name)
+        self.heartbeat = Heartbeat(self, options)
+        self.watcher: RemoteWatcher | None = None
+        self._first_seen: dict[str, float] = {}
+        self._missing_projects: dict[str, float] = {}
+        self._last_housekeeping = 0.0
+        self.cycles = 0
+
+    # -- events from other threads ------------------------------------------------------------
+    def _on_exit(self, info: ExitInfo) -> None:
+        manifest = None
+        try:
+            manifest = self.storage.manifest(info.project, info.run_id)
+        except (OSError, StorageError) as exc:
+            log.warning("%s/%s: cannot list the workspace: %s", info.project, info.run_id, exc)
+        self.journal.record(Fact("exited", info.project, info.run_id, info.finished, info.exit_code, info.reason,
+                                 manifest=manifest))
+        log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
+                 f" ({info.reason})" if info.reason else "")
+        self.wake.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.storage.prepare()
+        self.repo.open()
+        try:
+            self.repo.fetch()
+        except GitError as exc:
+            log.warning("first fetch failed (%s); carrying on with what is local", exc)
+        self.executor.running()  # adopt the containers of an earlier life of this node
+        self.heartbeat.start()
+        self.watcher = RemoteWatcher(self.options.repo, self.wake, self._config().poll)
+        self.watcher.start()
+        log.info("node %s up: repo %s, storage %s, executor %s", self.name, self.options.repo,
+                 self.storage.root, self.executor.name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.watcher:
+            self.watcher.stop()
+        self.heartbeat.stop()
+        self.executor.close()
+        self.repo.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stopping.is_set():
+                self.wake.clear()
+                timeout = self.step()
+                self.wake.wait(timeout)
+        finally:
+            self.stop()
+
+    # -- the cycle ----------------------------------------------------------------------------
+    def _config(self):  # the cluster config of the last snapshot, with flags on top
+        return self.heartbeat.config
+
+    def step(self) -> float:
+        """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
+        try:
+            self.repo.fetch()
+            self.heartbeat.remote_ok()
+        except GitError as exc:
+            log.warning("fetch failed: %s", exc)
+        for attempt in range(MAX_CAS_RETRIES):
+            try:
+                landed = self.cycle()
+            except PushRejected:
+                landed = False
+            except GitError as exc:
+                log.warning("remote unreachable (%s); facts stay in the journal", exc)
+                return min(2.0, self._config().poll)
+            if landed:
+                break
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+            try:
+                self.repo.fetch()
+            except GitError as exc:
+                log.warning("fetch failed: %s", exc)
+                return 1.0
+        self._housekeeping()
+        return self._sleep_budget()
+
+    def cycle(self) -> bool:
+        """One decide-and-commit pass on the fetched tip; False when the push lost the race."""
+        tip = self.repo.tip()
+        if tip is None:
+            return True
+        snapshot = self.reader.read(self.repo.tree(tip), tip)
+        self.heartbeat.config = self._with_flags(snapshot.config)
+        nodes, lost = self.liveness.observe(self.repo, snapshot, self.heartbeat.info(), self._config().node_timeout)
+        facts = self.journal.pending()
+        ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
+        local = frozenset((r.project, r.run_id) for r in self.executor.running()) - ended
+        world = World(snapshot, nodes, utcnow(), lost, self._waited(),
+                      frozenset(ref.split("refs/remotes/origin/", 1)[1] for ref in self.repo.refs("refs/remotes/origin/resume/")))
+        plan = decide(world, Me(self.name, local, facts))
+        self._remember_waiting(plan)
+        self.cycles += 1
+        for stop in plan.stops:
+            log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
+            self.executor.stop(stop.project, stop.run_id, stop.reason)
+        if plan.commit_needed:
+            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip),
+                                      message(plan, self.name))
+            self.repo.push_main(commit)
+            log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
+            tip = commit
+        self.journal.settle(plan.settled)
+        for claim in plan.claims:
+            self._launch(claim)
+        for resume in plan.resumes:
+            push_resume(self.repo, tip, resume)
+        return True
+
+    def _with_flags(self, config):
+        from dataclasses import replace
+        o = self.options
+        return replace(config, **{k: v for k, v in (("heartbeat", o.heartbeat), ("node_timeout", o.node_timeout),
+                                                     ("lease", o.lease), ("poll", o.poll)) if v is not None})
+
+    def _launch(self, claim: Claim) -> None:
+        run, stage = claim.run, claim.stage
+        try:
+            spec = LaunchSpec(
+                project=claim.project, run_id=run.id, stage=stage.name, node=self.name, image=stage.image,
+                command=stage.command, env=claim.env, resources_dir=self.storage.resources,
+                workspace_dir=self.storage.workspace(claim.project, run.id),
+                input_dir=self.storage.inside(run.input) if run.input else None,
+                log_path=self.storage.log_path(claim.project, run.id), gpus=run.gpus, cpus=stage.resources.cpus,
+                memory=stage.resources.memory, timeout=stage.timeout, secrets=self._secrets(stage.secrets))
+            spec.workspace_dir.mkdir(parents=True, exist_ok=True)
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            started = self.executor.start(spec)
+        except (ExecutorError, StorageError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, WinslowError) else f"could not prepare the run: {exc}"
+            log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
+            self.journal.record(Fact("exited", claim.project, run.id, utcnow(), None, reason))
+            self.wake.set()
+            return
+        self.journal.record(Fact("started", claim.project, run.id, started.started, image_digest=started.image_digest))
+        self.wake.set()
+        log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
+                 f" with GPU {list(run.gpus)}" if run.gpus else "")
+
+    def _secrets(self, names: tuple[str, ...]) -> dict[str, str]:
+        values = {}
+        for name in names:
+            path = self.options.secrets / name if self.options.secrets else None
+            if path is None or not path.is_file():
+                raise ExecutorError(f"secret {name} is missing on {self.name} (expected a file {name} in --secrets)")
+            values[name] = path.read_text().rstrip("\n")
+        return values
+
+    # -- timers -------------------------------------------------------------------------------
+    def _waited(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {key: now - since for key, since in self._first_seen.items()}
+
+    def _remember_waiting(self, plan: Plan) -> None:
+        now = time.monotonic()
+        self._first_seen = {key: self._first_seen.get(key, now) for key in plan.waiting}
+
+    def _sleep_budget(self) -> float:
+        config = self._config()
+        budget = config.poll * 5
+        if self._first_seen:
+            budget = min(budget, config.grace / 2)
+        return max(0.05, min(budget, config.node_timeout / 3))
+
+    def _housekeeping(self) -> None:
+        """Remove the storage of projects deleted from the repo, after the cleanup grace period."""
+        now = time.monotonic()
+        if now - self._last_housekeeping < 10:
+            return
+        self._last_housekeeping = now
+        snapshot = self.reader.last
+        if snapshot is None or snapshot.commit is None:
+            return
+        known = {pid for pid, entry in snapshot.projects.items() if entry.exists}
+        on_disk = self.storage.projects_on_disk()
+        self._missing_projects = {p: self._missing_projects.get(p, now) for p in on_disk - known}
+        busy = {project for project, _ in ((r.project, r.run_id) for r in self.executor.running())}
+        for project, since in list(self._missing_projects.items()):
+            if now - since >= self._config().cleanup and project not in busy:
+                removed = self.storage.remove_project(project)
+                log.info("%s: deleted from the repo; removed %s", project, ", ".join(map(str, removed)) or "nothing")
+                del self._missing_projects[project]

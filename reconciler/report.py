@@ -1,0 +1,52 @@
+"""Report: turn a plan into the files of one commit, and a message a person can read."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from reconciler.decide import Plan
+from reconciler.model import ClusterConfig, Pipeline, Status
+from reconciler.storage import LocalStorage, capped_log
+from reconciler.yamlsafe import dump_yaml
+
+SCHEMA_LINE = "# yaml-language-server: $schema=https://winslow.dev/schema/{kind}.schema.json\n"
+GENERATED = "# Written by Winslow's reconcilers; do not edit by hand.\n"
+
+
+def status_file(status: Status) -> bytes:
+    return (SCHEMA_LINE.format(kind="status") + GENERATED + dump_yaml(status.to_dict())).encode()
+
+
+def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
+    data = {"request": request, "source": f"pipelines/{pipeline.name}.yaml", "commit": commit,
+            "pipeline": dict(pipeline.source)}
+    return (SCHEMA_LINE.format(kind="pipeline-lock") + GENERATED + dump_yaml(data)).encode()
+
+
+def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None) -> dict[str, bytes | None]:
+    files: dict[str, bytes | None] = {}
+    for project, status in plan.statuses.items():
+        files[f"projects/{project}/status.yaml"] = status_file(status)
+    for project, (request, pipeline) in plan.locks.items():
+        files[f"projects/{project}/pipeline.lock.yaml"] = lock_file(request, pipeline, commit)
+    for project, run, fact in plan.finished:
+        files[f"projects/{project}/logs/{run.id}.log"] = capped_log(storage.log_path(project, run.id),
+                                                                    config.log_head, config.log_tail)
+        if fact.manifest is not None:
+            manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
+                        **fact.manifest}
+            files[f"projects/{project}/results/{run.id}.yaml"] = (SCHEMA_LINE.format(kind="result") + GENERATED
+                                                                  + dump_yaml(manifest)).encode()
+    return files
+
+
+def message(plan: Plan, node: str) -> str:
+    notes = list(dict.fromkeys(plan.notes)) or [f"{p}: status" for p in sorted(plan.statuses)]
+    subject = "; ".join(notes)
+    if len(subject) > 120:
+        subject = f"{notes[0]} (and {len(notes) - 1} more)"
+    body = "\n".join(f"- {n}" for n in notes) if len(notes) > 1 else ""
+    return f"{subject}\n\n{body}\n\nNode: {node}".replace("\n\n\n", "\n\n")
+
+
+def summary(statuses: Mapping[str, Status]) -> str:
+    return ", ".join(f"{p}={s.state.value}" for p, s in sorted(statuses.items()))

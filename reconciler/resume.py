@@ -1,0 +1,43 @@
+"""The resume branch: a proposed commit that continues a project waiting at a gate.
+
+It changes only `run:` in project.yaml (a new request starting at the next
+stage), so merging it, as a merge request or with `winslow approve`, is the
+approval, and the merge is the record of who approved and when.
+"""
+from __future__ import annotations
+
+import logging
+
+from reconciler.decide import Resume
+from reconciler.edit import set_fields
+from reconciler.errors import GitError, WinslowError
+from reconciler.gitsync import StateRepo
+
+log = logging.getLogger("winslow.resume")
+
+
+def resume_commit(repo: StateRepo, tip: str, resume: Resume) -> str | None:
+    path = f"projects/{resume.project}/project.yaml"
+    current = repo.read(tip, path)
+    if current is None:
+        return None
+    text = set_fields(current.decode("utf-8"), ("run",),
+                      {"request": resume.request + 1, "from": resume.next_stage, "state": "running"})
+    message = (f"{resume.project}: approve the gate, continue at {resume.next_stage} (request {resume.request + 1})\n\n"
+               f"Merge this branch to resume {resume.project} after request {resume.request}.")
+    return repo.commit(tip, {path: text.encode("utf-8")}, message)
+
+
+def push_resume(repo: StateRepo, tip: str, resume: Resume) -> None:
+    branch = f"resume/{resume.project}/{resume.request}"
+    try:
+        commit = resume_commit(repo, tip, resume)
+        if commit is None:
+            return
+        repo.push([f"{commit}:refs/heads/{branch}"])
+        repo.git("update-ref", f"refs/remotes/origin/{branch}", commit)
+        log.info("%s: proposed %s", resume.project, branch)
+    except GitError as exc:
+        log.info("%s: could not push %s (%s); another node may have", resume.project, branch, exc)
+    except WinslowError as exc:
+        log.warning("%s: cannot prepare %s: %s", resume.project, branch, exc)

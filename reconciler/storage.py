@@ -1,0 +1,142 @@
+"""The storage root: the resource pool, run workspaces and full logs.
+
+Large files never enter git. Every path below the root goes through
+`inside()`, so nothing (a `..`, an absolute path, a symlink) leaves it. The
+interface is small on purpose: an object store can implement it too.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler.errors import StorageError
+from reconciler.validation import escapes
+
+MANIFEST_MAX_FILES = 10_000
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LocalStorage:
+    """A local folder or a shared mount (NFS) at the same path on every node."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    def prepare(self) -> None:
+        for name in ("resources", "workspaces", "logs"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def inside(self, relative: str) -> Path:
+        """The absolute path of `relative`; StorageError when it would leave the root."""
+        if escapes(relative):
+            raise StorageError(f"path '{relative}' leaves the storage root")
+        path = (self.root / relative).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"path '{relative}' leaves the storage root (through a symlink)")
+        return path
+
+    @property
+    def resources(self) -> Path:
+        return self.root / "resources"
+
+    @staticmethod
+    def workspace_key(project: str, run_id: str) -> str:
+        return f"workspaces/{project}/{run_id}"
+
+    def workspace(self, project: str, run_id: str) -> Path:
+        return self.inside(self.workspace_key(project, run_id))
+
+    def log_path(self, project: str, run_id: str) -> Path:
+        return self.inside(f"logs/{project}/{run_id}.log")
+
+    def remove_project(self, project: str) -> list[Path]:
+        """Delete a project's workspaces and logs, and nothing else."""
+        removed = []
+        for top in ("workspaces", "logs"):
+            target = self.inside(f"{top}/{project}")
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+                removed.append(target)
+        return removed
+
+    def projects_on_disk(self) -> set[str]:
+        found = set()
+        for top in ("workspaces", "logs"):
+            base = self.root / top
+            if base.is_dir():
+                found.update(entry.name for entry in base.iterdir() if entry.is_dir())
+        return found
+
+    def manifest(self, project: str, run_id: str) -> dict[str, Any]:
+        """Path, size and sha256 of every file a run left in its workspace.
+
+        Symlinks are listed only when they stay inside the workspace; the
+        manifest never follows one out of it.
+        """
+        base = self.workspace(project, run_id)
+        files: list[dict[str, Any]] = []
+        total = 0
+        truncated = False
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                target = full.resolve()
+                if base not in target.parents or not target.is_file():
+                    continue
+                if len(files) >= MANIFEST_MAX_FILES:
+                    truncated = True
+                    break
+                size, digest = hash_file(target)
+                files.append({"path": full.relative_to(base).as_posix(), "size": size, "sha256": digest})
+                total += size
+        return {"workspace": self.workspace_key(project, run_id), "total_size": total,
+                "truncated": truncated, "files": files}
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def capped_log(path: Path, head: int, tail: int) -> bytes:
+    """The first `head` and last `tail` bytes of a log, marked where it was cut."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return b""
+    with open(path, "rb") as handle:
+        if size <= head + tail:
+            return handle.read()
+        first = handle.read(head)
+        handle.seek(size - tail)
+        last = handle.read()
+    cut = size - head - tail
+    marker = f"\n[... winslow: {cut} bytes cut here; the full log is in storage ...]\n".encode()
+    return first + marker + last
+
+
+def read_tail(path: Path, limit: int) -> str:
+    """The last `limit` bytes of a log as text, starting at a line boundary when possible."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - limit))
+            data = handle.read(limit)
+    except OSError:
+        return ""
+    if size > limit and b"\n" in data:
+        data = data[data.index(b"\n") + 1:]
+    return data.decode("utf-8", "replace")
