@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from reconciler import __version__
-from reconciler.commands import init, validate
+from reconciler.commands import init, node, validate, verbs
 from reconciler.errors import WinslowError
 
-COMMANDS = (validate, init)
+COMMANDS = (validate, init, node, verbs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

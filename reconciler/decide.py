@@ -104,13 +104,18 @@ def decide(world: World, me: Me) -> Plan:
             _stop_local(project_id, status, me, plan, "project deleted")
             continue
         status, start = _reconcile(entry, status, world, me, plan, first_live)
-        if status != entry.status:
-            plan.statuses[project_id] = replace(status, updated=world.now)
+        plan.statuses[project_id] = status
         if start:
             startable.append(start)
     for orphans in facts.values():
         plan.settled.update(f.key for f in orphans)
     _place(startable, world, me, plan)
+    for project_id, status in list(plan.statuses.items()):
+        before = world.snapshot.projects[project_id].status
+        if replace(status, updated=before.updated) == before:
+            del plan.statuses[project_id]
+        else:
+            plan.statuses[project_id] = replace(status, updated=world.now)
     return plan
 
 
@@ -125,6 +130,7 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], world: Worl
                 digest = f" ({fact.image_digest[:19]})" if fact.image_digest else ""
                 status = status.with_run(run.with_event(fact.time, f"started{digest}",
                                                         started=fact.time, image_digest=fact.image_digest))
+                plan.notes.append(f"{project_id}: {run.stage} started on {run.node}")
             continue
         ok = fact.exit_code == 0 and not fact.reason
         ended = f"exited {fact.exit_code}" if fact.exit_code is not None else "did not run"
@@ -214,11 +220,12 @@ def _new_request(entry: ProjectEntry, project: Project, status: Status, world: W
         stage = pipeline.stage(progress.from_stage)
         assert stage is not None
         start = _Startable(entry.id, pipeline, stage, _next_id(status, spec.request, stage.name), progress)
+    continued, start = _continue(entry, project, observed, pipeline, world, me, plan, first_live, new=start)
     if me.name == first_live:
         # The first live node records the request even when nobody can start it yet.
         plan.locks[entry.id] = (spec.request, pipeline)
         plan.notes.append(f"{entry.id}: request {spec.request} observed")
-        return _continue(entry, project, observed, pipeline, world, me, plan, first_live, new=start)
+        return continued, start
     return status, start
 
 
@@ -277,7 +284,8 @@ def _next_id(status: Status, request: int, stage: str) -> str:
 
 def _place(startable: list[_Startable], world: World, me: Me, plan: Plan) -> None:
     """Simulate the same placement every node computes, and claim what falls to this node."""
-    running = [r for entry in world.snapshot.projects.values() for r in entry.status.active]
+    running = [r for pid, entry in world.snapshot.projects.items()
+               for r in plan.statuses.get(pid, entry.status).active]
     free = slots(world.nodes, running, world.snapshot.config)
     for item in startable:
         ranking = rank(item.stage, free)
@@ -297,14 +305,15 @@ def _place(startable: list[_Startable], world: World, me: Me, plan: Plan) -> Non
 
 
 def _note_unplaceable(item: _Startable, plan: Plan, world: World) -> None:
-    status = plan.statuses.get(item.project) or world.snapshot.projects[item.project].status
+    status = plan.statuses.get(item.project, world.snapshot.projects[item.project].status)
     need = item.stage.resources
     wanted = f"{need.gpus} GPU(s), {need.cpus:g} CPU(s), {need.memory // 2**20} MiB"
     if item.stage.node_tags:
         wanted += f", tags {', '.join(item.stage.node_tags)}"
     message = f"{item.stage.name} waits for a free node with {wanted}"
-    if status.message != message and item.new_request is None:
-        plan.statuses[item.project] = replace(status, message=message, updated=world.now)
+    observed = item.new_request is None or status.observed_request >= item.new_request.number
+    if status.message != message and observed:
+        plan.statuses[item.project] = replace(status, message=message)
 
 
 def _claim(item: _Startable, gpus: tuple[int, ...], world: World, me: Me, plan: Plan) -> None:
@@ -328,7 +337,7 @@ def _claim(item: _Startable, gpus: tuple[int, ...], world: World, me: Me, plan: 
     for message in events:
         run = run.with_event(world.now, message)
     status = replace(status.with_run(run), state=ProjectState.RUNNING,
-                     message=f"{item.stage.name} running on {me.name}", updated=world.now)
+                     message=f"{item.stage.name} running on {me.name}")
     status = replace(status, request=replace(status.request, next=None, waiting_since=None))
     plan.statuses[item.project] = status
     plan.claims.append(Claim(item.project, run, item.stage, env))

@@ -93,15 +93,17 @@ class StateRepo:
         if not (self.path / "HEAD").exists():
             self.path.mkdir(parents=True, exist_ok=True)
             git(self.path, "init", "-q", "--bare")
-            git(self.path, "remote", "add", "origin", self.url)
+            git(self.path, "config", "remote.origin.url", self.url)
         else:
             git(self.path, "remote", "set-url", "origin", self.url)
 
     def git(self, *args: str, input: bytes | None = None, timeout: float = 60.0) -> str:
         return git(self.path, *args, input=input, env=self.env, timeout=timeout)
 
-    def fetch(self, timeout: float = 30.0) -> None:
-        self.git("fetch", "-q", "--prune", "--no-tags", "origin", *REFSPECS, timeout=timeout)
+    def fetch(self, timeout: float = 30.0, skip_node: str | None = None) -> None:
+        """Fetch main, node and resume branches; `skip_node` leaves out the branch this process pushes itself."""
+        skip = (f"^refs/heads/winslow/nodes/{skip_node}",) if skip_node else ()
+        self.git("fetch", "-q", "--prune", "--no-tags", "origin", *REFSPECS, *skip, timeout=timeout)
 
     def refs(self, prefix: str = "refs/remotes/origin/") -> dict[str, str]:
         out = self.git("for-each-ref", "--format=%(objectname) %(refname)", prefix)

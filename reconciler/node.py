@@ -18,7 +18,7 @@ from typing import Callable
 from reconciler import __version__
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
-from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, utcnow
+from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id, utcnow
 from reconciler.gitsync import StateRepo
 from reconciler.liveness import Liveness
 from reconciler.pulse import Heartbeat
@@ -49,10 +49,10 @@ class NodeOptions:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path) -> Executor:
+def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path, repo: str) -> Executor:
     if kind == "docker":
         from reconciler.executors.docker import DockerExecutor
-        return DockerExecutor(name, on_exit)
+        return DockerExecutor(name, on_exit, cluster=cluster_id(repo))
     from reconciler.executors.process import ProcessExecutor
     return ProcessExecutor(name, on_exit, work / "processes")
 
@@ -70,7 +70,7 @@ class Node:
         self.reader = StateReader()
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.executor = make_executor(options.executor, self.name, self._on_exit, options.work)
+        self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo)
         self.liveness = Liveness(self.name)
         self.heartbeat = Heartbeat(self, options)
         self.watcher: RemoteWatcher | None = None
@@ -97,7 +97,7 @@ class Node:
         self.storage.prepare()
         self.repo.open()
         try:
-            self.repo.fetch()
+            self.repo.fetch(skip_node=self.name)
         except GitError as exc:
             log.warning("first fetch failed (%s); carrying on with what is local", exc)
         self.executor.running()  # adopt the containers of an earlier life of this node
@@ -133,7 +133,7 @@ class Node:
     def step(self) -> float:
         """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
         try:
-            self.repo.fetch()
+            self.repo.fetch(skip_node=self.name)
             self.heartbeat.remote_ok()
         except GitError as exc:
             log.warning("fetch failed: %s", exc)
@@ -149,7 +149,7 @@ class Node:
                 break
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             try:
-                self.repo.fetch()
+                self.repo.fetch(skip_node=self.name)
             except GitError as exc:
                 log.warning("fetch failed: %s", exc)
                 return 1.0

@@ -19,7 +19,7 @@ class Slot:
 
     name: str
     cpus: float
-    memory: int
+    memory: int | None  # None: the node did not say
     gpus: tuple[int, ...]
     gpu_total: int
     tags: frozenset[str]
@@ -28,18 +28,18 @@ class Slot:
     def fits(self, stage: Stage) -> bool:
         need = stage.resources
         return (not self.drain and len(self.gpus) >= need.gpus and self.cpus >= need.cpus - 1e-9
-                and (self.memory <= 0 or self.memory >= need.memory) and set(stage.node_tags) <= self.tags)
+                and (self.memory is None or self.memory >= need.memory) and set(stage.node_tags) <= self.tags)
 
     def waste(self, stage: Stage) -> tuple[float, ...]:
         need = stage.resources
         return (self.gpu_total - need.gpus, len(self.gpus) - need.gpus, self.cpus - need.cpus,
-                max(self.memory, 0) - need.memory)
+                (self.memory or 0) - need.memory)
 
     def take(self, stage: Stage) -> tuple[Slot, tuple[int, ...]]:
         need = stage.resources
         gpus = self.gpus[: need.gpus]
         rest = replace(self, cpus=self.cpus - need.cpus,
-                       memory=self.memory - need.memory if self.memory > 0 else self.memory,
+                       memory=None if self.memory is None else self.memory - need.memory,
                        gpus=self.gpus[need.gpus:])
         return rest, gpus
 
@@ -60,7 +60,7 @@ def slots(nodes: Mapping[str, NodeInfo], running: Iterable[Run], config: Cluster
         result[name] = Slot(
             name=name,
             cpus=info.cpus - sum(run.cpus for run in runs),
-            memory=info.memory - sum(run.memory for run in runs) if info.memory else 0,
+            memory=info.memory - sum(run.memory for run in runs) if info.memory else None,
             gpus=free,
             gpu_total=len(info.gpus),
             tags=frozenset(info.tags) | frozenset(settings.tags if settings else ()),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from reconciler import __version__
 from reconciler.errors import GitError
 from reconciler.executors.base import utcnow
-from reconciler.heartbeat import LoadSampler, node_document, read_capacity
+from reconciler.heartbeat import LoadSampler, Nvml, node_document, read_capacity
 from reconciler.model import ClusterConfig, NodeInfo
 from reconciler.storage import read_tail
 from reconciler.yamlsafe import dump_yaml
@@ -34,8 +34,9 @@ class Heartbeat:
         self.node = node
         self.options = options
         self.config = ClusterConfig()
-        self.capacity = read_capacity()
-        self.sampler = LoadSampler(self.config.heartbeat)
+        nvml = Nvml()
+        self.capacity = read_capacity(nvml)
+        self.sampler = LoadSampler(self.config.heartbeat, nvml=nvml)
         self.started = utcnow()
         self.tick = 0
         self._parent: str | None = None

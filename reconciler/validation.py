@@ -122,8 +122,8 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     run = data.get("run", {})
     name = data["pipeline"]
     pipeline = pipelines.get(name)
-    if pipeline is None and locked is not None and int(run.get("request", 0)) == locked_request:
-        pipeline = locked
+    if locked is not None and int(run.get("request", 0)) == locked_request:
+        pipeline = locked  # a request that has begun runs on, and is checked against, its lock
     if pipeline is None:
         if name in pipelines:
             problems.append(doc.problem(("pipeline",), f"pipeline '{name}' is invalid (see pipelines/{name}.yaml)"))

@@ -18,6 +18,18 @@ LABEL_PROJECT = "winslow.project"
 LABEL_RUN = "winslow.run"
 LABEL_NODE = "winslow.node"
 LABEL_STAGE = "winslow.stage"
+LABEL_CLUSTER = "winslow.cluster"  # which state repo: two clusters may share one engine
+
+
+def cluster_id(repo_url: str) -> str:
+    """A short, stable name for a state repo, to tell its containers from another cluster's."""
+    import hashlib
+    import os
+
+    local = repo_url[len("file://"):] if repo_url.startswith("file://") else repo_url
+    if "://" not in local and os.path.exists(local):
+        local = os.path.realpath(local)
+    return hashlib.sha256(local.rstrip("/").encode()).hexdigest()[:16]
 
 
 def utcnow() -> str:

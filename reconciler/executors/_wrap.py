@@ -1,0 +1,130 @@
+"""Runs one stage's program for the process executor and leaves its exit code in a file.
+
+    python -I -S _wrap.py [--ready-fd N] EXIT_FILE -- PROGRAM [ARGS...]
+
+The process executor starts this wrapper as the leader of a new session (and so of
+a new process group) and the program as its child, in the same group. The wrapper
+
+- tells the executor through the `--ready-fd` pipe whether the program could be
+  started (`ok <pid>`) or not (`error <errno> <text>`), so a missing program is an
+  error of `start()` and not a run that fails later;
+- relays SIGTERM and SIGINT to the whole process group exactly once (the program
+  and whatever it started get one TERM, as `docker stop` gives a container);
+- writes the program's return code (negative for a death by signal, as
+  `subprocess` reports it) to EXIT_FILE, atomically, when the program ends; a
+  reconciler that restarted meanwhile reads it from there, since it cannot wait
+  for a process that is not its child;
+- then ends the same way as the program: the same exit code, or the same signal.
+
+It imports only the standard library and runs with `-I -S`, so the stage's own
+`PYTHON*` variables, which the program inherits, do not touch it.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+_RELAYED = (signal.SIGTERM, signal.SIGINT)
+_USAGE = "usage: _wrap.py [--ready-fd N] EXIT_FILE -- PROGRAM [ARGS...]"
+
+
+class _Relay:
+    """Passes TERM and INT on to the process group; holds them back until the program exists."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending: list[int] = []
+
+    def install(self) -> None:
+        for signum in _RELAYED:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.started:
+            self.pending.append(signum)
+            return
+        # Ignored for the moment of the send: the wrapper itself is in the group.
+        signal.signal(signum, signal.SIG_IGN)
+        try:
+            os.killpg(os.getpgrp(), signum)
+        except OSError:
+            pass
+        finally:
+            signal.signal(signum, self.handle)
+
+    def release(self) -> None:
+        self.started = True
+        for signum in self.pending:
+            self.handle(signum, None)
+        self.pending.clear()
+
+
+def _parse(argv: list[str]) -> tuple[int | None, str, list[str]]:
+    ready_fd: int | None = None
+    if argv[:1] == ["--ready-fd"] and len(argv) > 1:
+        ready_fd = int(argv[1])
+        argv = argv[2:]
+    if len(argv) < 3 or argv[1] != "--":
+        raise SystemExit(_USAGE)
+    return ready_fd, argv[0], argv[2:]
+
+
+def _tell(ready_fd: int | None, message: str) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, (message + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass  # the executor gave up waiting; the exit file still tells the outcome
+    finally:
+        os.close(ready_fd)
+
+
+def _write_exit_code(path: str, returncode: int) -> None:
+    temp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "w", encoding="ascii") as out:
+            out.write(f"{returncode}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        print(f"winslow: cannot record the exit code in {path}: {exc}", file=sys.stderr)
+
+
+def _end_like(returncode: int) -> int:
+    """Exit with the program's code, or die of the signal that killed it."""
+    if returncode >= 0:
+        return returncode
+    signum = -returncode
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the program's crash, not ours
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    except (OSError, ValueError):
+        pass
+    return 128 + signum
+
+
+def main(argv: list[str]) -> int:
+    ready_fd, exit_file, command = _parse(argv)
+    relay = _Relay()
+    relay.install()
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        _tell(ready_fd, f"error {exc.errno or 0} {exc.strerror or exc}")
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    _tell(ready_fd, f"ok {child.pid}")
+    relay.release()
+    returncode = child.wait()
+    _write_exit_code(exit_file, returncode)
+    return _end_like(returncode)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

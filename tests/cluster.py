@@ -1,0 +1,115 @@
+"""Building blocks for tests that run real nodes against a real remote.
+
+`StateRemote` is a bare repo plus a user's clone of it; `NodeProcess` is a
+`winslow node` started as a separate process and ended by its PID.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from reconciler.commands.init import init_repo
+from reconciler.gitcmd import IDENTITY
+
+GIT_ENV = {**os.environ, **IDENTITY}
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class StateRemote:
+    root: Path
+    remote: Path = field(init=False)
+    clone: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remote = self.root / "remote.git"
+        self.clone = self.root / "clone"
+        init_repo(self.clone, self.remote)
+
+    def write(self, files: dict[str, str | None], message: str = "edit") -> None:
+        """Commit files (None deletes) on top of the remote's main and push, retrying if nodes pushed first."""
+        for _ in range(50):
+            git(self.clone, "fetch", "-q", "origin")
+            git(self.clone, "reset", "-q", "--hard", "origin/main")
+            for path, text in files.items():
+                target = self.clone / path
+                if text is None:
+                    subprocess.run(["git", "rm", "-rq", path], cwd=self.clone, env=GIT_ENV, check=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+                git(self.clone, "add", path)
+            git(self.clone, "commit", "-qm", message)
+            if subprocess.run(["git", "push", "-q", "origin", "main"], cwd=self.clone, env=GIT_ENV,
+                              capture_output=True).returncode == 0:
+                return
+        raise AssertionError("could not push to the remote in 50 tries")
+
+    def read(self, path: str, ref: str = "main") -> str | None:
+        result = subprocess.run(["git", "--git-dir", str(self.remote), "show", f"{ref}:{path}"], capture_output=True,
+                                text=True)
+        return result.stdout if result.returncode == 0 else None
+
+    def status(self, project: str) -> dict:
+        text = self.read(f"projects/{project}/status.yaml")
+        return yaml.safe_load(text) if text else {}
+
+    def refs(self, prefix: str = "refs/heads/") -> dict[str, str]:
+        out = git(self.remote, "for-each-ref", "--format=%(objectname) %(refname)", prefix)
+        return {ref: sha for sha, ref in (line.split(" ", 1) for line in out.splitlines())}
+
+    def commits(self, ref: str = "main") -> int:
+        return int(git(self.remote, "rev-list", "--count", ref).strip())
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class NodeProcess:
+    """`python -m reconciler node ...` in its own process; stopped by PID in `stop()`."""
+
+    def __init__(self, name: str, remote: Path, storage: Path, work: Path, executor: str = "process",
+                 extra: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.log_path = work.parent / f"{name}.log"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        args = [sys.executable, "-m", "reconciler", "node", "--repo", str(remote), "--storage", str(storage),
+                "--name", name, "--executor", executor, "--work", str(work), "--heartbeat", "1s",
+                "--node-timeout", "6s", "--lease", "4s", "--poll", "1s", *extra]
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=GIT_ENV)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
