@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from reconciler import __version__
-from reconciler.commands import init, node, validate, verbs
+from reconciler.commands import demo, init, node, validate, verbs
 from reconciler.errors import WinslowError
 
-COMMANDS = (validate, init, node, verbs)
+COMMANDS = (validate, init, node, verbs, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

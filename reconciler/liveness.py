@@ -26,10 +26,11 @@ class Liveness:
         self._info: dict[str, NodeInfo] = {}
         self._unknown: dict[str, float] = {}               # node named in status with no branch -> first seen
 
-    def observe(self, repo: StateRepo, snapshot: Snapshot, mine: NodeInfo,
+    def observe(self, repo: StateRepo, tips: Mapping[str, str], snapshot: Snapshot, mine: NodeInfo,
                 timeout: float) -> tuple[dict[str, NodeInfo], dict[str, str]]:
+        """Live nodes (this one included) and lost ones with why, from the node branches' tips."""
         now = time.monotonic()
-        for name, sha in repo.node_tips().items():
+        for name, sha in tips.items():
             previous = self._seen.get(name)
             if previous is None or previous[0] != sha:
                 self._seen[name] = (sha, now)

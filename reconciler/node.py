@@ -19,7 +19,7 @@ from reconciler import __version__
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id, utcnow
-from reconciler.gitsync import StateRepo
+from reconciler.gitsync import MAIN, NODES, StateRepo
 from reconciler.liveness import Liveness
 from reconciler.pulse import Heartbeat
 from reconciler.journal import Fact, Journal
@@ -31,6 +31,23 @@ from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
+ORIGIN = "refs/remotes/origin/"
+
+
+class _Clock:
+    """Milliseconds spent in each phase of a cycle, for the debug log."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, (now - self._last) * 1000))
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{name} {ms:.0f}ms" for name, ms in self.laps)
 
 
 @dataclass
@@ -133,7 +150,9 @@ class Node:
     def step(self) -> float:
         """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
         try:
+            began = time.perf_counter()
             self.repo.fetch(skip_node=self.name)
+            log.debug("fetch %.0fms", (time.perf_counter() - began) * 1000)
             self.heartbeat.remote_ok()
         except GitError as exc:
             log.warning("fetch failed: %s", exc)
@@ -158,18 +177,25 @@ class Node:
 
     def cycle(self) -> bool:
         """One decide-and-commit pass on the fetched tip; False when the push lost the race."""
-        tip = self.repo.tip()
+        clock = _Clock()
+        refs = self.repo.refs()
+        tip = refs.get(MAIN)
         if tip is None:
             return True
         snapshot = self.reader.read(self.repo.tree(tip), tip)
+        clock.lap("read")
         self.heartbeat.config = self._with_flags(snapshot.config)
-        nodes, lost = self.liveness.observe(self.repo, snapshot, self.heartbeat.info(), self._config().node_timeout)
+        node_tips = {ref[len(NODES):]: sha for ref, sha in refs.items() if ref.startswith(NODES)}
+        nodes, lost = self.liveness.observe(self.repo, node_tips, snapshot, self.heartbeat.info(),
+                                            self._config().node_timeout)
         facts = self.journal.pending()
         ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
         local = frozenset((r.project, r.run_id) for r in self.executor.running()) - ended
-        world = World(snapshot, nodes, utcnow(), lost, self._waited(),
-                      frozenset(ref.split("refs/remotes/origin/", 1)[1] for ref in self.repo.refs("refs/remotes/origin/resume/")))
+        clock.lap("observe")
+        resumes = frozenset(ref[len(ORIGIN):] for ref in refs if ref.startswith(ORIGIN + "resume/"))
+        world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
         plan = decide(world, Me(self.name, local, facts))
+        clock.lap("decide")
         self._remember_waiting(plan)
         self.cycles += 1
         for stop in plan.stops:
@@ -178,14 +204,19 @@ class Node:
         if plan.commit_needed:
             commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip),
                                       message(plan, self.name))
+            clock.lap("commit")
             self.repo.push_main(commit)
+            clock.lap("push")
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
             tip = commit
         self.journal.settle(plan.settled)
         for claim in plan.claims:
             self._launch(claim)
+        clock.lap("launch")
         for resume in plan.resumes:
             push_resume(self.repo, tip, resume)
+        if plan.commit_needed or plan.claims:
+            log.debug("cycle %d on %s: %s", self.cycles, tip[:10], clock)
         return True
 
     def _with_flags(self, config):
