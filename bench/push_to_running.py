@@ -36,6 +36,20 @@ def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True, capture_output=True)
 
 
+def push_request(clone: Path, request: int) -> float:
+    """Bump the request as a user would; returns when the successful push began."""
+    for _ in range(20):
+        git(clone, "fetch", "-q", "origin")
+        git(clone, "reset", "-q", "--hard", "origin/main")
+        path = clone / "projects/b/project.yaml"
+        path.write_text(path.read_text().replace(f"request: {request - 1}", f"request: {request}"))
+        git(clone, "commit", "-qam", f"request {request}")
+        began = time.time()
+        if subprocess.run(["git", "push", "-q", "origin", "main"], cwd=clone, env=ENV, capture_output=True).returncode == 0:
+            return began
+    sys.exit("the user's push was rejected 20 times")
+
+
 def ensure_image(client: docker.DockerClient) -> None:
     try:
         client.images.get(IMAGE)
@@ -93,18 +107,16 @@ def main() -> None:
         try:
             time.sleep(3)  # the node is up and has seen the empty request
             for request in range(1, args.trials + 1):
-                git(clone, "pull", "-q", "--rebase", "origin", "main")
-                text = (clone / "projects/b/project.yaml").read_text()
-                (clone / "projects/b/project.yaml").write_text(text.replace(f"request: {request - 1}", f"request: {request}"))
-                git(clone, "commit", "-qam", f"request {request}")
-                began = time.time()
-                git(clone, "push", "-q", "origin", "main")
+                began = push_request(clone, request)
                 pushes.append(time.time() - began)
                 run = f"{request}-s-1"
                 with arrived:
                     if not arrived.wait_for(lambda: run in started, timeout=30):
                         sys.exit(f"run {run} never started; see {root / 'node.log'}")
                 latencies.append(started[run] - began)
+                if args.node_log:
+                    print(f"trial {request}: push began {time.strftime('%H:%M:%S', time.localtime(began))}"
+                          f"{began % 1:.3f}"[:-4] + f", container started +{(started[run] - began) * 1000:.0f}ms")
                 time.sleep(0.5)  # let the run finish and land
         finally:
             node.terminate()

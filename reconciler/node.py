@@ -188,9 +188,10 @@ class Node:
         node_tips = {ref[len(NODES):]: sha for ref, sha in refs.items() if ref.startswith(NODES)}
         nodes, lost = self.liveness.observe(self.repo, node_tips, snapshot, self.heartbeat.info(),
                                             self._config().node_timeout)
-        facts = self.journal.pending()
+        alive = frozenset((r.project, r.run_id) for r in self.executor.running())
+        facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
         ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
-        local = frozenset((r.project, r.run_id) for r in self.executor.running()) - ended
+        local = alive - ended
         clock.lap("observe")
         resumes = frozenset(ref[len(ORIGIN):] for ref in refs if ref.startswith(ORIGIN + "resume/"))
         world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
@@ -201,17 +202,29 @@ class Node:
         for stop in plan.stops:
             log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
             self.executor.stop(stop.project, stop.run_id, stop.reason)
+        launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
             commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip),
                                       message(plan, self.name))
             clock.lap("commit")
-            self.repo.push_main(commit)
+            # Containers are created while the claim travels; none starts before the push lands.
+            preparing = threading.Thread(target=self._prepare, args=(launches,), name="prepare", daemon=True)
+            preparing.start()
+            try:
+                self.repo.push_main(commit)
+            except GitError:
+                preparing.join(timeout=60)
+                for claim, _ in launches:
+                    self.executor.discard(claim.project, claim.run.id)
+                raise
             clock.lap("push")
+            preparing.join(timeout=60)
+            clock.lap("prepared")
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
             tip = commit
         self.journal.settle(plan.settled)
-        for claim in plan.claims:
-            self._launch(claim)
+        for claim, spec in launches:
+            self._launch(claim, spec)
         clock.lap("launch")
         for resume in plan.resumes:
             push_resume(self.repo, tip, resume)
@@ -225,7 +238,8 @@ class Node:
         return replace(config, **{k: v for k, v in (("heartbeat", o.heartbeat), ("node_timeout", o.node_timeout),
                                                      ("lease", o.lease), ("poll", o.poll)) if v is not None})
 
-    def _launch(self, claim: Claim) -> None:
+    def _spec(self, claim: Claim) -> LaunchSpec | str:
+        """What the executor needs to start a claimed run, or why it cannot be started."""
         run, stage = claim.run, claim.stage
         try:
             spec = LaunchSpec(
@@ -237,9 +251,26 @@ class Node:
                 memory=stage.resources.memory, timeout=stage.timeout, secrets=self._secrets(stage.secrets))
             spec.workspace_dir.mkdir(parents=True, exist_ok=True)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            started = self.executor.start(spec)
         except (ExecutorError, StorageError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, WinslowError) else f"could not prepare the run: {exc}"
+            return str(exc) if isinstance(exc, WinslowError) else f"could not prepare the run: {exc}"
+        return spec
+
+    def _prepare(self, launches: list[tuple[Claim, LaunchSpec | str]]) -> None:
+        for _, spec in launches:
+            if not isinstance(spec, str):
+                try:
+                    self.executor.prepare(spec)
+                except Exception as exc:  # start() tries again and reports it
+                    log.debug("%s/%s: prepare failed: %s", spec.project, spec.run_id, exc)
+
+    def _launch(self, claim: Claim, spec: LaunchSpec | str) -> None:
+        run, stage = claim.run, claim.stage
+        try:
+            if isinstance(spec, str):
+                raise ExecutorError(spec)
+            started = self.executor.start(spec)
+        except ExecutorError as exc:
+            reason = str(exc)
             log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
             self.journal.record(Fact("exited", claim.project, run.id, utcnow(), None, reason))
             self.wake.set()

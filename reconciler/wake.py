@@ -52,6 +52,7 @@ class RemoteWatcher:
         try:
             for _changes in watchfiles.watch(*paths, stop_event=self._stop, debounce=10, step=5,
                                              rust_timeout=500, raise_interrupt=False):
+                log.debug("remote refs changed")
                 self.wake.set()
         except Exception as exc:  # an unwatchable file system: fall back to polling
             log.warning("cannot watch %s (%s); polling every %.1fs instead", folder, exc, self.poll)

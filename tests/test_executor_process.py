@@ -339,8 +339,9 @@ def test_a_stage_that_ended_while_nobody_watched_is_reported_with_its_real_exit_
 
     second = ProcessExecutor(NODE, second_exits, state_dir)
     try:
-        assert second.running() == []
+        second.running()  # adopts it; listed until its exit is reported
         info = second_exits.next()
+        wait_until(lambda: second.running() == [])
     finally:
         second.close()
 
@@ -398,8 +399,9 @@ def test_a_record_whose_process_is_gone_without_an_exit_code_reports_it_unknown(
         "create_time": 1.0, "started": "2026-01-01T00:00:00.000Z", "started_epoch": 1.0,
     }))
 
-    assert executor.running() == []
+    executor.running()  # adopts it; listed until its exit is reported
     info = exits.next()
+    wait_until(lambda: executor.running() == [])
 
     assert (info.run_id, info.exit_code, info.reason) == ("1-detect-1", None, UNKNOWN_EXIT)
     wait_until(lambda: not record.exists())

@@ -147,7 +147,7 @@ stages:
     image: {busybox_image}
     command: [sh, -c, 'cat /input/a.txt; echo $WINSLOW_RUN']
 """
-    missing = "name: ghost\nstages:\n  - {name: g, image: 'winslow-test/no-such-image:0', command: ['true']}\n"
+    missing = "name: ghost\nstages:\n  - {name: g, image: '127.0.0.1:9/winslow-test/no-such-image:0', command: ['true']}\n"
     (tmp_path / "storage/resources").mkdir(parents=True)
     (tmp_path / "storage/resources/hello.txt").write_text("hello resources\n")
     remote.write({"pipelines/box.yaml": pipeline, "pipelines/ghost.yaml": missing,

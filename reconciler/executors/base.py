@@ -88,6 +88,12 @@ ExitCallback = Callable[[ExitInfo], None]
 class Executor(Protocol):
     name: str
 
+    def prepare(self, spec: LaunchSpec) -> None:
+        """Get ready to start (create a container) while the claim is pushed; never runs the stage."""
+
+    def discard(self, project: str, run_id: str) -> None:
+        """Undo `prepare` for a claim that did not land."""
+
     def start(self, spec: LaunchSpec) -> StartInfo:
         """Start the run; ExecutorError with a reason a person understands when it cannot."""
 
@@ -95,7 +101,12 @@ class Executor(Protocol):
         """Stop the run now (TERM, then KILL after a short grace); its exit is still reported."""
 
     def running(self) -> list[RunningInfo]:
-        """Runs of this node that are alive, including ones started before a restart."""
+        """Runs of this node that are alive, including ones started before a restart.
+
+        A run stays in this list until its exit has been handed to `on_exit`, so
+        a caller that reads this list first and the journal second never sees a
+        run that is neither running nor reported.
+        """
 
     def close(self) -> None:
         """Stop watching (containers keep running)."""

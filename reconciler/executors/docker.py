@@ -74,6 +74,7 @@ class _Watch:
     timer: threading.Timer | None = None
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    reported: bool = False  # the exit reached on_exit: until then the run counts as running
 
     @property
     def key(self) -> tuple[str, str]:
@@ -93,21 +94,43 @@ class DockerExecutor:
         self._client = client if client is not None else _connect()
         self._lock = threading.Lock()
         self._watches: dict[tuple[str, str], _Watch | None] = {}  # None: being started
+        self._prepared: dict[tuple[str, str], tuple[Any, Any]] = {}  # created, not started: (image, container)
         self._closing = threading.Event()
 
     # -- the Executor interface ------------------------------------------------
+
+    def prepare(self, spec: LaunchSpec) -> None:
+        """Create the run's container while its claim is being pushed; only start() runs it."""
+        key = (spec.project, spec.run_id)
+        with self._lock:
+            if key in self._watches or self._closing.is_set():
+                return
+            self._watches[key] = None
+        try:
+            self._prepared[key] = (self._image(spec.image), self._create(spec))
+        except ExecutorError:
+            with self._lock:
+                self._watches.pop(key, None)  # start() tries again and reports why
+
+    def discard(self, project: str, run_id: str) -> None:
+        """Remove a prepared container whose claim did not land."""
+        prepared = self._prepared.pop((project, run_id), None)
+        if prepared is not None:
+            _remove(prepared[1])
+            with self._lock:
+                self._watches.pop((project, run_id), None)
 
     def start(self, spec: LaunchSpec) -> StartInfo:
         if self._closing.is_set():
             raise ExecutorError(f"cannot start run {spec.run_id} of {spec.project}: the executor is closed")
         key = (spec.project, spec.run_id)
+        prepared = self._prepared.pop(key, None)
         with self._lock:
-            if key in self._watches:
+            if prepared is None and key in self._watches:
                 raise ExecutorError(f"run {spec.run_id} of {spec.project} is already running on {self.node}")
             self._watches[key] = None  # keeps running() from adopting the half-made container
         try:
-            image = self._image(spec.image)
-            container = self._create(spec)
+            image, container = prepared if prepared else (self._image(spec.image), self._create(spec))
             self._start_container(container, spec)
             started = utcnow()
         except BaseException:
@@ -146,7 +169,7 @@ class DockerExecutor:
                 watch = self._adopt(summary.id)
             if watch is None:
                 continue  # being started right now, or gone, or already exited
-            if summary.attrs.get("State") in _LIVE and not watch.done.is_set():
+            if not watch.reported:  # a run counts as running until its exit has been reported
                 alive.append(RunningInfo(watch.project, watch.run_id, watch.started))
         return alive
 
@@ -406,6 +429,7 @@ class DockerExecutor:
                  self.node, watch.describe(), info.exit_code, info.reason)
         try:
             self._on_exit(info)
+            watch.reported = True
         except Exception:  # keep the container so a restart reports it again
             log.exception("on_exit failed, keeping the container: node=%s %s", self.node, watch.describe())
             return False

@@ -76,6 +76,7 @@ class _Watch:
     timer: threading.Timer | None = None
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    reported: bool = False  # the exit reached on_exit: until then the run counts as running
 
     @property
     def key(self) -> tuple[str, str]:
@@ -97,6 +98,12 @@ class ProcessExecutor:
         self._closing = threading.Event()
 
     # -- the Executor interface ------------------------------------------------
+
+    def prepare(self, spec: LaunchSpec) -> None:
+        """Nothing to prepare: a process starts in a few milliseconds."""
+
+    def discard(self, project: str, run_id: str) -> None:
+        """Nothing was prepared."""
 
     def start(self, spec: LaunchSpec) -> StartInfo:
         if self._closing.is_set():
@@ -138,7 +145,7 @@ class ProcessExecutor:
         with self._lock:
             watches = [w for w in self._watches.values() if w is not None]
         return [RunningInfo(w.project, w.run_id, w.started)
-                for w in watches if not w.gone and not w.done.is_set()]
+                for w in watches if not w.reported]
 
     def close(self) -> None:
         """Stop watching; the processes keep running and a later executor adopts them."""
@@ -342,6 +349,7 @@ class ProcessExecutor:
                  self.node, watch.describe(), info.exit_code, info.reason)
         try:
             self._on_exit(info)
+            watch.reported = True
         except Exception:  # noqa: BLE001 - keep the record so a later running() reports it again
             log.exception("on_exit failed, keeping the record: node=%s %s", self.node, watch.describe())
             return False
