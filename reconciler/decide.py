@@ -109,6 +109,9 @@ def decide(world: World, me: Me) -> Plan:
             startable.append(start)
     for orphans in facts.values():
         plan.settled.update(f.key for f in orphans)
+    for project_id, run_id in sorted(me.local_runs):
+        if project_id not in world.snapshot.projects:  # its folder was deleted
+            plan.stops.append(Stop(project_id, run_id, "project deleted"))
     _place(startable, world, me, plan)
     for project_id, status in list(plan.statuses.items()):
         before = world.snapshot.projects[project_id].status

@@ -308,7 +308,7 @@ class Node:
     def _housekeeping(self) -> None:
         """Remove the storage of projects deleted from the repo, after the cleanup grace period."""
         now = time.monotonic()
-        if now - self._last_housekeeping < 10:
+        if now - self._last_housekeeping < min(10.0, self._config().cleanup):
             return
         self._last_housekeeping = now
         snapshot = self.reader.last

@@ -261,6 +261,10 @@ CASES = [
          repo=base() | status(runs=[run("1-a-1")]),
          local=["t/1-a-1"],
          stops=[stop("1-a-1", "project deleted")]),
+    Case(id="deleted-project-folder-stops-its-local-run",
+         repo=base(),
+         local=["t/1-a-1"],
+         stops=[stop("1-a-1", "project deleted")]),
 
     # -- lost nodes and vanished runs --------------------------------------------------------------
     Case(id="run-on-lost-node-is-marked-lost-by-first-live-node-and-retried",
