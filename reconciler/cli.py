@@ -7,10 +7,10 @@ import sys
 from typing import Sequence
 
 from reconciler import __version__
-from reconciler.commands import demo, init, node, validate, verbs
+from reconciler.commands import demo, init, logs, node, status, validate, verbs
 from reconciler.errors import WinslowError
 
-COMMANDS = (validate, init, node, verbs, demo)
+COMMANDS = (validate, init, node, verbs, status, logs, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from reconciler.pulse import Heartbeat
 from reconciler.journal import Fact, Journal
 from reconciler.report import changes, message
 from reconciler.resume import push_resume
+from reconciler.secrets import SecretStore
 from reconciler.state import StateReader
 from reconciler.storage import LocalStorage
 from reconciler.wake import RemoteWatcher
@@ -84,6 +85,7 @@ class Node:
         self.repo = StateRepo(options.repo, options.work / "state.git", identity)
         self.storage = LocalStorage(options.storage)
         self.journal = Journal(options.work / "journal.jsonl")
+        self.secrets = SecretStore(options.secrets, options.name)
         self.reader = StateReader()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -204,7 +206,7 @@ class Node:
             self.executor.stop(stop.project, stop.run_id, stop.reason)
         launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
-            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip),
+            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask),
                                       message(plan, self.name))
             clock.lap("commit")
             # Containers are created while the claim travels; none starts before the push lands.
@@ -248,7 +250,7 @@ class Node:
                 workspace_dir=self.storage.workspace(claim.project, run.id),
                 input_dir=self.storage.inside(run.input) if run.input else None,
                 log_path=self.storage.log_path(claim.project, run.id), gpus=run.gpus, cpus=stage.resources.cpus,
-                memory=stage.resources.memory, timeout=stage.timeout, secrets=self._secrets(stage.secrets))
+                memory=stage.resources.memory, timeout=stage.timeout, secrets=self.secrets.get(stage.secrets))
             spec.workspace_dir.mkdir(parents=True, exist_ok=True)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         except (ExecutorError, StorageError, OSError) as exc:
@@ -279,15 +281,6 @@ class Node:
         self.wake.set()
         log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
                  f" with GPU {list(run.gpus)}" if run.gpus else "")
-
-    def _secrets(self, names: tuple[str, ...]) -> dict[str, str]:
-        values = {}
-        for name in names:
-            path = self.options.secrets / name if self.options.secrets else None
-            if path is None or not path.is_file():
-                raise ExecutorError(f"secret {name} is missing on {self.name} (expected a file {name} in --secrets)")
-            values[name] = path.read_text().rstrip("\n")
-        return values
 
     # -- timers -------------------------------------------------------------------------------
     def _waited(self) -> dict[str, float]:

@@ -88,8 +88,8 @@ class Heartbeat:
             run = entry.status.run(running.run_id) if entry else None
             runs.append({"project": running.project, "run": running.run_id, "stage": run.stage if run else "",
                          "gpus": list(run.gpus) if run else [], "started": running.started,
-                         "log_tail": read_tail(node.storage.log_path(running.project, running.run_id),
-                                               self.config.live_tail)})
+                         "log_tail": node.secrets.mask(read_tail(node.storage.log_path(running.project, running.run_id),
+                                                                 self.config.live_tail).encode()).decode("utf-8", "replace")})
         settings = self.config.nodes.get(node.name)
         load = self.sampler.sample()
         return node_document(name=node.name, version=__version__, executor=node.executor.name, started=self.started,

@@ -1,7 +1,7 @@
 """Report: turn a plan into the files of one commit, and a message a person can read."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from reconciler.decide import Plan
 from reconciler.model import ClusterConfig, Pipeline, Status
@@ -22,15 +22,16 @@ def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
     return (SCHEMA_LINE.format(kind="pipeline-lock") + GENERATED + dump_yaml(data)).encode()
 
 
-def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None) -> dict[str, bytes | None]:
+def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None,
+            mask: Callable[[bytes], bytes] = lambda data: data) -> dict[str, bytes | None]:
     files: dict[str, bytes | None] = {}
     for project, status in plan.statuses.items():
         files[f"projects/{project}/status.yaml"] = status_file(status)
     for project, (request, pipeline) in plan.locks.items():
         files[f"projects/{project}/pipeline.lock.yaml"] = lock_file(request, pipeline, commit)
     for project, run, fact in plan.finished:
-        files[f"projects/{project}/logs/{run.id}.log"] = capped_log(storage.log_path(project, run.id),
-                                                                    config.log_head, config.log_tail)
+        files[f"projects/{project}/logs/{run.id}.log"] = mask(capped_log(storage.log_path(project, run.id),
+                                                                         config.log_head, config.log_tail))
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}

@@ -1,6 +1,7 @@
 """One real node against a real remote: the stage lifecycle as a user drives it by pushing YAML."""
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -160,3 +161,29 @@ stages:
     assert "out" in remote.read("projects/d/logs/1-b-1.log") and "1-b-1" in remote.read("projects/d/logs/1-b-1.log")
     ghost = remote.status("g")["runs"][0]
     assert ghost["state"] == "FAILED" and "no-such-image" in ghost["reason"]
+
+
+def test_secrets_reach_the_stage_but_never_git(tmp_path: Path) -> None:
+    remote = StateRemote(tmp_path)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "DB_PASSWORD").write_text("hunter2-very-secret\n")
+    pipeline = ("name: sec\nstages:\n  - name: s\n    image: none\n    secrets: [DB_PASSWORD]\n"
+                "    command: [sh, -c, 'echo \"password is $DB_PASSWORD\"; test ${#DB_PASSWORD} = 19']\n"
+                "  - {name: t, image: none, secrets: [API_TOKEN], command: ['true']}\n")
+    remote.write({"pipelines/sec.yaml": pipeline, "projects/p/project.yaml": PROJECT.format(pipeline="sec", request=1,
+                                                                                             state="running")})
+    node = NodeProcess("n1", remote.remote, tmp_path / "storage", tmp_path / "work" / "n1", "process",
+                       ("--secrets", str(secrets)))
+    try:
+        wait_for(lambda: state_of(remote, "p") == "FAILED", 30, "the project to end")
+    finally:
+        node.stop()
+    first, second = remote.status("p")["runs"]
+    assert (first["state"], first["env"]["DB_PASSWORD"]) == ("SUCCEEDED", "***")
+    assert remote.read("projects/p/logs/1-s-1.log") == "password is ***\n"
+    assert "hunter2" in (tmp_path / "storage/logs/p/1-s-1.log").read_text()  # the full log stays on the node
+    assert second["state"] == "FAILED" and "secret API_TOKEN is missing on n1" in second["reason"]
+    history = subprocess.run(["git", "--git-dir", str(remote.remote), "log", "--all", "-p"], capture_output=True,
+                             text=True).stdout
+    assert "hunter2" not in history
