@@ -51,7 +51,7 @@ def _wanted(path: str, with_results: bool) -> bool:
     return with_results and parts[0] == "projects" and len(parts) == 4 and parts[2] == "results"
 
 
-class _CatFile:
+class CatFile:
     """One long-lived `git cat-file --batch`: reading a blob costs no new process."""
 
     def __init__(self, git_dir: Path) -> None:
@@ -83,7 +83,7 @@ class _CatFile:
 class GitTree:
     """One commit of the state repo, as the `Tree` that `state.StateReader` reads."""
 
-    def __init__(self, entries: Mapping[str, str], cat: _CatFile) -> None:
+    def __init__(self, entries: Mapping[str, str], cat: CatFile) -> None:
         self._entries = entries
         self._cat = cat
 
@@ -101,7 +101,7 @@ class StateRepo:
         self.url = url
         self.path = Path(path)
         self.env = git_env(identity)
-        self._cat = _CatFile(self.path)
+        self._cat = CatFile(self.path)
         self._entries: tuple[str, dict[str, str]] | None = None
 
     def open(self) -> None:

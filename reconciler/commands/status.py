@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from reconciler.commands.clone import (MAIN, MAIN_REFSPEC, ORIGIN_MAIN, Clone, add_verb, check_name, fetch, no_project,
                                        open_clone)
 from reconciler.errors import GitError
-from reconciler.gitsync import GitTree, _CatFile
+from reconciler.gitsync import GitTree, CatFile
 from reconciler.model import ProjectState, Run, RunState, Status
 from reconciler.state import DirectoryTree, ProjectEntry, StateReader
 
@@ -40,7 +40,7 @@ def commit_tree(clone: Clone, rev: str) -> Iterator[GitTree]:
         parts = meta.split(" ")
         if len(parts) == 3 and parts[1] == "blob" and _is_state_file(path):
             entries[path] = parts[2]
-    cat = _CatFile(clone.root)
+    cat = CatFile(clone.root)
     try:
         yield GitTree(entries, cat)
     finally:
