@@ -8,6 +8,7 @@ after a commit rereads only the files that commit changed.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from reconciler.errors import InvalidFile, Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Status
 from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
-from reconciler.yamlsafe import Document, parse_yaml
+from reconciler.yamlsafe import MAX_FILE_BYTES, Document, parse_yaml
 
 CONFIG = "winslow.yaml"
 
@@ -41,7 +42,9 @@ class DirectoryTree:
         for top in ("pipelines", "projects"):
             base = self.root / top
             for dirpath, dirnames, filenames in os.walk(base):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "logs"]
+                depth = len(Path(dirpath).relative_to(self.root).parts)
+                # Logs are plain text: projects/<id>/logs is never YAML to check.
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (depth == 2 and d == "logs")]
                 for filename in filenames:
                     if filename.endswith((".yaml", ".yml")):
                         full = Path(dirpath) / filename
@@ -49,13 +52,20 @@ class DirectoryTree:
         return found
 
     def read(self, path: str) -> bytes:
-        with open(self.root / path, "rb") as handle:
-            return handle.read()
+        """A regular file's bytes; never follows a link out, never blocks on a FIFO, never reads a huge file whole."""
+        full = self.root / path
+        info = os.lstat(full)
+        if stat.S_ISLNK(info.st_mode):
+            raise OSError(f"{path} is a symbolic link; state repo files must be regular files")
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with open(full, "rb") as handle:
+            return handle.read(MAX_FILE_BYTES + 1)
 
 
 def _stamp(path: Path) -> str:
-    stat = path.stat()
-    return f"{stat.st_mtime_ns}:{stat.st_size}"
+    info = os.lstat(path)
+    return f"{info.st_mtime_ns}:{info.st_size}:{info.st_mode}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ class StateReader:
             value, problems = None, list(exc.problems)
         except OSError as exc:
             value, problems = None, [Problem(path, 1, 1, f"cannot read: {exc.strerror or exc}")]
+        except Exception as exc:  # a model that cannot be built is that file's problem, never a crash
+            value, problems = None, [Problem(path, 1, 1, f"cannot use this file: {exc}")]
         parsed = _Parsed(value, problems)
         self._cache[cache_key] = parsed
         return parsed
@@ -177,7 +189,10 @@ class StateReader:
         if self.include_results:
             for path in files:
                 if path.startswith(base + "results/"):
-                    problems += self._parse(tree, path, entries[path], "result", lambda doc: (None, read_result(doc))).problems
+                    problems += self._parse(tree, path, entries[path], "result",
+                                            lambda doc: (None, read_result(doc, project_id))).problems
+        if base + "project.yml" in entries:
+            problems.append(Problem(base + "project.yml", 1, 1, "a project file must be named project.yaml, not .yml"))
         project_path = base + "project.yaml"
         if project_path not in entries:
             return ProjectEntry(project_id, None, status, lock, lock_request, (), exists=False), problems

@@ -11,6 +11,7 @@ _SIZE_FACTORS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4, "pi": 1024**5, "pib": 1024**5,
 }
+MAX_SIZE = 2**63 - 1
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -22,12 +23,20 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"'{text}' is not a size: it is negative")
+        if text > MAX_SIZE:
+            raise ValueError(f"'{str(text)[:24]}...' is too large a size (at most 8 EiB)")
         return text
     match = _SIZE.match(str(text))
     if not match:
         raise ValueError(f"'{text}' is not a size (examples: 512MiB, 32GiB, 2G)")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_FACTORS[(unit or "").lower()])
+    try:
+        value = int(float(number) * _SIZE_FACTORS[(unit or "").lower()])
+    except OverflowError:
+        value = MAX_SIZE + 1
+    if value > MAX_SIZE:
+        raise ValueError(f"'{str(text)[:24]}...' is too large a size (at most 8 EiB)")
+    return value
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -37,12 +46,17 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, (int, float)):
         if text < 0:
             raise ValueError(f"'{text}' is not a duration: it is negative")
+        if float(text) == float("inf"):
+            raise ValueError(f"'{text}' is too long a duration")
         return float(text)
     compact = str(text).replace(" ", "")
     parts = _DURATION_PART.findall(compact)
     if not compact or "".join(n + u for n, u in parts) != compact:
         raise ValueError(f"'{text}' is not a duration (examples: 90s, 30m, 48h, 7d)")
-    return sum(float(n) * _DURATION_FACTORS[u] for n, u in parts)
+    seconds = sum(float(n) * _DURATION_FACTORS[u] for n, u in parts)
+    if seconds == float("inf"):
+        raise ValueError(f"'{text}' is too long a duration")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

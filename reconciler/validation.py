@@ -15,6 +15,7 @@ from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
 from reconciler.yamlsafe import Document
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MOUNTS = ("/resources", "/input", "/workspace")
 
@@ -76,9 +77,16 @@ def read_pipeline(doc: Document, stem: str) -> tuple[Pipeline | None, list[Probl
     data = doc.data
     if data["name"] != stem:
         problems.append(doc.problem(("name",), f"pipeline name '{data['name']}' must match its file name '{stem}'"))
+    problems += _pipeline_meaning(doc, data, ())
+    return (None, problems) if problems else (Pipeline.from_dict(data), [])
+
+
+def _pipeline_meaning(doc: Document, data: Mapping[str, Any], base: tuple[object, ...]) -> list[Problem]:
+    """What a pipeline's schema cannot say, for a pipeline file or one locked inside pipeline.lock.yaml."""
+    problems = []
     seen: dict[str, int] = {}
     for i, stage in enumerate(data["stages"]):
-        at = ("stages", i)
+        at = base + ("stages", i)
         name = stage["name"]
         if name in seen:
             problems.append(doc.problem(at + ("name",), f"duplicate stage name '{name}' (also stage {seen[name] + 1})"))
@@ -91,16 +99,17 @@ def read_pipeline(doc: Document, stem: str) -> tuple[Pipeline | None, list[Probl
         for key, value in stage.get("env", {}).items():
             if isinstance(value, str) and _mount_escapes(value):
                 problems.append(doc.problem(at + ("env", key), f"path '{value}' leaves its mount"))
-    return (None, problems) if problems else (Pipeline.from_dict(data), [])
+    return problems
 
 
 def _stage_range(doc: Document, run: Mapping[str, Any], pipeline: Pipeline) -> list[Problem]:
     problems = []
     names = pipeline.stage_names
     for key in ("from", "until"):
-        if key in run and run[key] not in names:
+        if key in run and isinstance(run[key], str) and run[key] not in names:
             problems.append(doc.problem(("run", key), f"'{key}: {run[key]}' names no stage of pipeline '{pipeline.name}' (stages: {', '.join(names)})"))
-    if not problems and "from" in run and "until" in run and names.index(run["until"]) < names.index(run["from"]):
+    if not problems and run.get("from") in names and run.get("until") in names \
+            and names.index(run["until"]) < names.index(run["from"]):
         problems.append(doc.problem(("run", "until"), f"'until: {run['until']}' comes before 'from: {run['from']}' in pipeline '{pipeline.name}'"))
     return problems
 
@@ -110,32 +119,50 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     """A project, checked against the pipelines of the same commit.
 
     A request that has already begun runs on its locked pipeline, so a pipeline
-    deleted or broken since then does not make the project invalid.
+    deleted or broken since then does not make the project invalid. Meaning is
+    checked even when the schema found errors, so one run reports them all.
     """
     problems = []
     if not is_safe_id(project_id):
         problems.append(doc.problem((), f"project folder '{project_id}' is not a safe name (letters, digits, '_', '.', '-'; at most 64)"))
     problems += check(doc, "project")
-    if problems:
-        return None, problems
-    data = doc.data
-    run = data.get("run", {})
-    name = data["pipeline"]
-    pipeline = pipelines.get(name)
-    if locked is not None and int(run.get("request", 0)) == locked_request:
-        pipeline = locked  # a request that has begun runs on, and is checked against, its lock
-    if pipeline is None:
-        if name in pipelines:
-            problems.append(doc.problem(("pipeline",), f"pipeline '{name}' is invalid (see pipelines/{name}.yaml)"))
+    data = doc.data if isinstance(doc.data, dict) else {}
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    env = data.get("env") if isinstance(data.get("env"), dict) else {}
+    name = data.get("pipeline")
+    if isinstance(name, str):
+        pipeline = pipelines.get(name)
+        request = run.get("request", 0)
+        if locked is not None and isinstance(request, int) and request == locked_request:
+            pipeline = locked  # a request that has begun runs on, and is checked against, its lock
+        if pipeline is None:
+            if name in pipelines:
+                problems.append(doc.problem(("pipeline",), f"pipeline '{name}' is invalid (see pipelines/{name}.yaml)"))
+            else:
+                known = ", ".join(sorted(pipelines)) or "none"
+                problems.append(doc.problem(("pipeline",), f"pipeline '{name}' does not exist (known: {known})"))
         else:
-            known = ", ".join(sorted(pipelines)) or "none"
-            problems.append(doc.problem(("pipeline",), f"pipeline '{name}' does not exist (known: {known})"))
-    else:
-        problems += _stage_range(doc, run, pipeline)
-    for key, value in data.get("env", {}).items():
+            problems += _stage_range(doc, run, pipeline)
+            problems += _substituted_paths(doc, pipeline, env)
+    for key, value in env.items():
         if isinstance(value, str) and _mount_escapes(value):
             problems.append(doc.problem(("env", key), f"path '{value}' leaves its mount"))
-    return (None, problems) if problems else (Project.from_dict(project_id, data), [])
+    return (None, sorted(set(problems))) if problems else (Project.from_dict(project_id, data), [])
+
+
+def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]) -> list[Problem]:
+    """A project's env fills `${VAR}` in its stages' commands; the result must stay inside its mount."""
+    problems = []
+    text = {k: str(v) for k, v in env.items()}
+    for stage in pipeline.stages:
+        values = {**pipeline.env, **stage.env, **text}
+        for arg in stage.command:
+            mine = [name for name in _VAR.findall(arg) if name in text]
+            filled = _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
+            if mine and _mount_escapes(filled):
+                what = ", ".join(f"{name}={text[name]!r}" for name in mine)
+                problems.append(doc.problem(("env", mine[0]), f"{what} makes '{arg}' in stage '{stage.name}' leave its mount"))
+    return problems
 
 
 def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Problem]]:
@@ -150,7 +177,8 @@ def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Pro
             if run.get(key) and escapes(run[key]):
                 problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' leaves the state repo"))
         for key in ("workspace", "input"):
-            if run.get(key) and (escapes(run[key]) or not run[key].startswith(f"workspaces/{project_id}/")):
+            if run.get(key) and (escapes(run[key])
+                                 or not posixpath.normpath(run[key]).startswith(f"workspaces/{project_id}/")):
                 problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' is not inside workspaces/{project_id}/"))
     return (None, problems) if problems else (Status.from_dict(doc.data), [])
 
@@ -159,13 +187,19 @@ def read_lock(doc: Document) -> tuple[tuple[int, Pipeline] | None, list[Problem]
     problems = check(doc, "pipeline-lock")
     if problems:
         return None, problems
+    problems = _pipeline_meaning(doc, doc.data["pipeline"], ("pipeline",))
+    if problems:
+        return None, problems
     return (int(doc.data["request"]), Pipeline.from_dict(doc.data["pipeline"])), []
 
 
-def read_result(doc: Document) -> list[Problem]:
+def read_result(doc: Document, project_id: str) -> list[Problem]:
     problems = check(doc, "result")
     if problems:
         return problems
+    workspace = doc.data.get("workspace")
+    if workspace and (escapes(workspace) or not posixpath.normpath(workspace).startswith(f"workspaces/{project_id}/")):
+        problems.append(doc.problem(("workspace",), f"path '{workspace}' is not inside workspaces/{project_id}/"))
     for i, entry in enumerate(doc.data["files"]):
         if escapes(entry["path"]):
             problems.append(doc.problem(("files", i, "path"), f"path '{entry['path']}' leaves the workspace"))

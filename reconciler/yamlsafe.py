@@ -85,6 +85,9 @@ class _Builder:
         except yaml.YAMLError as exc:
             self._problem(node, f"cannot read value: {getattr(exc, 'problem', exc)}")
             return None
+        except Exception as exc:  # a date that is none, an int too long, a tag whose value does not fit it
+            self._problem(node, f"cannot read value {node.value[:40]!r}: {exc}")
+            return None
         if isinstance(value, (_dt.datetime, _dt.date)):
             return value.isoformat()
         if isinstance(value, bytes):
@@ -105,8 +108,7 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 self._problem(key_node, "a key must be a plain value, not a list or mapping")
                 continue
-            key = self._scalar(key_node)
-            key = "null" if key is None else str(key) if not isinstance(key, str) else key
+            key = key_node.value  # as written: `on:` and `NO:` are names here, not YAML 1.1 booleans
             if key in seen:
                 self._problem(key_node, f"duplicate key '{key}' (first defined on line {seen[key]})")
                 continue
@@ -122,7 +124,10 @@ class _Builder:
             if not isinstance(source, yaml.MappingNode):
                 self._problem(source, "'<<' merges only mappings")
                 continue
-            for key, value in self._mapping(source, json_path, ancestors).items():
+            if id(source) in ancestors:
+                self._problem(source, "a mapping merges itself (recursive structure)")
+                continue
+            for key, value in self._mapping(source, json_path, ancestors | {id(source)}).items():
                 into.setdefault(key, value)
 
 
@@ -132,8 +137,22 @@ def _decode(raw: bytes, path: str) -> str:
     except UnicodeDecodeError as exc:
         before = raw[: exc.start]
         line = before.count(b"\n") + 1
-        column = exc.start - (before.rfind(b"\n") + 1) + 1
+        column = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1  # in characters
         raise InvalidFile([Problem(path, line, column, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})")]) from None
+
+
+def _char_index(text: str, position: int) -> int:
+    """libyaml reports positions in UTF-8 bytes of what it read; the text counts characters."""
+    if text.isascii():
+        return position
+    return len(text.encode("utf-8", "surrogatepass")[:position].decode("utf-8", "ignore"))
+
+
+def _char_at(text: str, line: int, column: int) -> str:
+    lines = text.split("\n")
+    if 0 < line <= len(lines) and 0 < column <= len(lines[line - 1]):
+        return lines[line - 1][column - 1]
+    return ""
 
 
 def _check_depth(text: str) -> None:
@@ -155,6 +174,12 @@ def parse_yaml(raw: bytes | str, path: str) -> Document:
     if size > MAX_FILE_BYTES:
         raise InvalidFile([Problem(path, 1, 1, f"file is too large ({size} bytes; at most {MAX_FILE_BYTES})")])
     text = _decode(raw, path) if isinstance(raw, bytes) else raw
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        column = exc.start - (text.rfind("\n", 0, exc.start) + 1) + 1
+        raise InvalidFile([Problem(path, line, column, "not valid Unicode text (a lone surrogate)")]) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
@@ -164,10 +189,13 @@ def parse_yaml(raw: bytes | str, path: str) -> Document:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+        if _char_at(text, line, column) == "\t":
+            message = "a tab character: YAML is indented with spaces, never tabs"
         raise InvalidFile([Problem(path, line, column, f"invalid YAML: {message}")]) from None
     except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        at = _char_index(text, exc.position)
+        line = text.count("\n", 0, at) + 1
+        column = at - (text.rfind("\n", 0, at) + 1) + 1
         what = f"character #x{exc.character:04x}" if isinstance(exc.character, int) else f"byte {exc.character!r}"
         raise InvalidFile([Problem(path, line, column, f"unacceptable {what}: {exc.reason}")]) from None
     except yaml.YAMLError as exc:

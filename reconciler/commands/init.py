@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def init_repo(target: Path, remote: Path | None = None) -> None:
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(f"{target}: folder exists and is not empty")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target}: exists and is not an empty folder")
+    if remote is not None:
+        _check_remote(remote)
     shutil.copytree(template_dir(), target, dirs_exist_ok=True)
     git(target, "init", "-q", "-b", "main")
     env = git_env(None if has_identity(target) else IDENTITY)
@@ -30,12 +33,23 @@ def init_repo(target: Path, remote: Path | None = None) -> None:
     if remote is None:
         return
     if not (remote / "HEAD").exists():
-        if remote.exists() and any(remote.iterdir()):
-            raise ConfigError(f"{remote}: exists and is not a bare git repo")
         remote.mkdir(parents=True, exist_ok=True)
         git(remote, "init", "-q", "--bare", "-b", "main")
     git(target, "remote", "add", "origin", str(remote.resolve()))
     git(target, "push", "-q", "-u", "origin", "main")
+
+
+def _check_remote(remote: Path) -> None:
+    """Refuse a remote that cannot be used before anything is created."""
+    if (remote / "HEAD").exists():
+        return
+    if remote.exists() and (not remote.is_dir() or any(remote.iterdir())):
+        raise ConfigError(f"{remote}: exists and is not a bare git repo")
+    parent = remote.parent if not remote.exists() else remote
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{remote}: cannot create it ({parent} is not writable)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,216 @@
+"""`winslow validate` over the broken state repos in tests/broken-repos/, run as a real CLI.
+
+Each folder in tests/broken-repos/ is one small state repo with one kind of mistake
+(or, for `several-errors`, many). Its `expected.txt` holds the exact lines the
+validator must print on stdout, one problem a line, in the order it prints them
+(sorted by path, line, column):
+
+    path:line:column: message
+
+`path` is relative to the case folder, because the test runs `winslow validate`
+inside it (DIR defaults to `.`, which prints paths as they are). The `--format json`
+run names the folder explicitly and must give the same problems with that folder
+as a prefix.
+
+A case whose folder also holds `xfail.txt` shows a bug in reconciler/: its
+expected.txt is the right output, xfail.txt says what goes wrong today, and the
+tests of that case are strict xfails, so they turn red once the bug is fixed and
+the marker should go.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CASES_DIR = Path(__file__).resolve().parent / "broken-repos"
+TEMPLATE = REPO_ROOT / "state-repo-template"
+PROBLEM_LINE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>[1-9][0-9]*):(?P<column>[1-9][0-9]*): (?P<message>.+)$")
+SUMMARY = re.compile(r"^(?P<count>\d+) errors?: \d+ files, \d+ pipelines, \d+ projects checked in .+$")
+
+
+def winslow(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    """`python -m reconciler ARGS` in `cwd`, importing this checkout."""
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "reconciler", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=120)
+
+
+def _case_names() -> list[str]:
+    return sorted(p.name for p in CASES_DIR.iterdir() if p.is_dir())
+
+
+def _case_params() -> list[object]:
+    params = []
+    for name in _case_names():
+        xfail = CASES_DIR / name / "xfail.txt"
+        marks = [pytest.mark.xfail(strict=True, reason=xfail.read_text().strip())] if xfail.exists() else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def expected_lines(case: str) -> list[str]:
+    return (CASES_DIR / case / "expected.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="module")
+def validated() -> dict[tuple[str, str], subprocess.CompletedProcess[str]]:
+    """Every case validated once as text (inside the folder) and once as JSON (folder named), in parallel."""
+    jobs = {}
+    for case in _case_names():
+        jobs[case, "text"] = (("validate",), CASES_DIR / case)
+        jobs[case, "json"] = (("validate", f"tests/broken-repos/{case}", "--format", "json"), REPO_ROOT)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {key: pool.submit(winslow, *args, cwd=cwd) for key, (args, cwd) in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def test_every_case_has_well_formed_expectations_naming_its_own_files():
+    assert len(_case_names()) >= 17
+    for case in _case_names():
+        lines = expected_lines(case)
+        assert lines, f"{case}: expected.txt is empty (a broken repo must report something)"
+        for line in lines:
+            match = PROBLEM_LINE.match(line)
+            assert match, f"{case}: not 'path:line:column: message': {line!r}"
+            assert (CASES_DIR / case / match["path"]).is_file(), f"{case}: {match['path']} does not exist"
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_broken_repo_prints_exactly_the_expected_problems(validated, case):
+    result = validated[case, "text"]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines() == expected_lines(case)
+    assert result.returncode == 1
+    summary = result.stderr.splitlines()
+    assert len(summary) == 1 and SUMMARY.match(summary[0]), result.stderr
+    assert int(SUMMARY.match(summary[0])["count"]) == len(expected_lines(case))
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_broken_repo_json_lists_the_same_problems_under_the_named_folder(validated, case):
+    result = validated[case, "json"]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert result.stderr == ""
+    report = json.loads(result.stdout)
+    prefix = f"tests/broken-repos/{case}/"
+    assert all(p["path"].startswith(prefix) for p in report["problems"]), report["problems"]
+    lines = [f"{p['path'][len(prefix):]}:{p['line']}:{p['column']}: {p['message']}" for p in report["problems"]]
+    assert lines == expected_lines(case)
+    assert report["ok"] is False
+    assert report["summary"]["errors"] == len(lines)
+
+
+def test_no_broken_repo_makes_the_validator_crash(validated):
+    """A broken file is an error message, never a traceback; known crashes have an xfail.txt saying 'crash:'."""
+    crashed = {case for (case, _), result in validated.items() if "Traceback" in result.stderr}
+    known = {case for case in crashed if (CASES_DIR / case / "xfail.txt").is_file()
+             and (CASES_DIR / case / "xfail.txt").read_text().startswith("crash:")}
+    assert crashed == known, f"cases that crash without a known bug: {sorted(crashed - known)}"
+
+
+def test_text_output_prefixes_paths_with_the_folder_given():
+    result = winslow("validate", "tests/broken-repos/unknown-pipeline/")
+    assert result.stdout.splitlines() == [f"tests/broken-repos/unknown-pipeline/{line}"
+                                          for line in expected_lines("unknown-pipeline")]
+    assert result.returncode == 1
+
+
+def test_template_validates_clean_with_a_one_line_summary():
+    result = winslow("validate", "state-repo-template")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert re.fullmatch(r"ok: \d+ files, 2 pipelines, 1 projects checked in state-repo-template\n", result.stdout)
+
+
+def test_template_validates_clean_as_json():
+    result = winslow("validate", str(TEMPLATE), "--format", "json")
+    assert (result.returncode, result.stderr) == (0, "")
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["problems"] == []
+    assert report["summary"]["errors"] == 0 and report["summary"]["projects"] == 1
+
+
+def test_validate_defaults_to_the_current_folder():
+    result = winslow("validate", cwd=TEMPLATE)
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: ") and result.stdout.rstrip().endswith("checked in .")
+
+
+def test_a_broken_repo_exits_1_with_the_summary_on_stderr():
+    result = winslow("validate", str(CASES_DIR / "several-errors"))
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == len(expected_lines("several-errors")) >= 10
+    assert re.fullmatch(r"\d+ errors: .*\n", result.stderr)
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_missing_folder_gives_one_line_on_stderr_and_exit_1(tmp_path, output):
+    missing = tmp_path / "no-such-repo"
+    result = winslow("validate", str(missing), "--format", output)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and str(missing) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_instead_of_a_folder_gives_one_line_and_exit_1(tmp_path):
+    not_a_folder = tmp_path / "winslow.yaml"
+    not_a_folder.write_text("version: 1\n")
+    result = winslow("validate", str(not_a_folder))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_an_empty_folder_is_a_valid_empty_state_repo(tmp_path):
+    result = winslow("validate", str(tmp_path))
+    assert result.returncode == 0
+    assert result.stdout.startswith("ok: 0 files, 0 pipelines, 0 projects")
+
+
+def test_tab_indentation_error_names_the_tab():
+    result = winslow("validate", cwd=CASES_DIR / "tab-indented")
+    assert "tab" in result.stdout.lower(), result.stdout
+
+
+def test_symlink_out_of_the_repo_is_refused_and_its_target_never_shown(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root-password-hunter2\n")
+    repo = tmp_path / "repo"
+    (repo / "projects" / "ulm").mkdir(parents=True)
+    (repo / "winslow.yaml").write_text("version: 1\n")
+    (repo / "projects" / "ulm" / "project.yaml").symlink_to(secret)
+    result = winslow("validate", str(repo))
+    assert "hunter2" not in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "symbolic link" in result.stdout or "symlink" in result.stdout, result.stdout
+
+
+def test_dangling_symlink_is_one_problem_not_a_traceback(tmp_path):
+    (tmp_path / "projects" / "ulm").mkdir(parents=True)
+    (tmp_path / "projects" / "ulm" / "project.yaml").symlink_to(tmp_path / "gone.yaml")
+    result = winslow("validate", str(tmp_path))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 1 and PROBLEM_LINE.match(result.stdout.splitlines()[0])
+
+
+def test_a_fifo_named_project_yaml_does_not_hang_the_validator(tmp_path):
+    (tmp_path / "projects" / "ulm").mkdir(parents=True)
+    os.mkfifo(tmp_path / "projects" / "ulm" / "project.yaml")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        result = subprocess.run([sys.executable, "-m", "reconciler", "validate", str(tmp_path)], env=env,
+                                capture_output=True, text=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("validate did not return within 5 s")
+    assert result.returncode == 1
+    assert "regular file" in result.stdout, result.stdout
