@@ -15,7 +15,7 @@ from reconciler.journal import Fact
 from reconciler.model import (Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
                               RunState, Stage, Status)
 from reconciler.placement import Slot, rank, slots
-from reconciler.progress import ABORTED, SUPERSEDED, latest_success, standing
+from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
 from reconciler.state import ProjectEntry, Snapshot
 
 MASK = "***"
@@ -103,7 +103,11 @@ def decide(world: World, me: Me) -> Plan:
         if not entry.exists:
             _stop_local(project_id, status, me, plan, "project deleted")
             continue
-        status, start = _reconcile(entry, status, world, me, plan, first_live)
+        try:
+            status, start = _reconcile(entry, status, world, me, plan, first_live)
+        except Exception as exc:  # a status written by hand can break any assumption: that project only
+            status, start = replace(status, state=ProjectState.INVALID,
+                                    message=f"cannot reconcile: {type(exc).__name__}: {exc}"), None
         plan.statuses[project_id] = status
         if start:
             startable.append(start)
@@ -249,7 +253,7 @@ def _continue(entry: ProjectEntry, project: Project, status: Status, pipeline: P
         paused = " (pausing after it)" if spec.state is Desired.PAUSED else ""
         return replace(status, state=ProjectState.RUNNING, message=here.message + paused), None
     if here.state is ProjectState.WAITING:
-        return _waiting(entry, status, pipeline, here, world, plan, first_live), None
+        return _waiting(entry, status, pipeline, here, world, plan), None
     if here.next is None:
         return replace(status, state=here.state, message=here.message), None
     if spec.state is Desired.PAUSED:
@@ -264,9 +268,9 @@ def _continue(entry: ProjectEntry, project: Project, status: Status, pipeline: P
     return status, new or _Startable(entry.id, pipeline, stage, _next_id(status, status.request.number, stage.name), None)
 
 
-def _waiting(entry: ProjectEntry, status: Status, pipeline: Pipeline, here: object, world: World, plan: Plan,
-             first_live: str) -> Status:
-    assert status.request is not None and here.gate_next  # type: ignore[attr-defined]
+def _waiting(entry: ProjectEntry, status: Status, pipeline: Pipeline, here: Standing, world: World,
+             plan: Plan) -> Status:
+    assert status.request is not None and here.gate_next
     gated = status.runs[-1] if status.runs else None
     since = status.request.waiting_since or world.now
     stage = pipeline.stage(gated.stage) if gated else None
@@ -274,10 +278,10 @@ def _waiting(entry: ProjectEntry, status: Status, pipeline: Pipeline, here: obje
         return replace(status, state=ProjectState.FAILED, message=f"gate after {stage.name} was not approved in time")
     branch = f"resume/{entry.id}/{status.request.number}"
     if branch not in world.resume_branches:
-        plan.resumes.append(Resume(entry.id, status.request.number, here.gate_next))  # type: ignore[attr-defined]
-    message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"  # type: ignore[attr-defined]
+        plan.resumes.append(Resume(entry.id, status.request.number, here.gate_next))
+    message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"
     return replace(status, state=ProjectState.WAITING, message=message,
-                   request=replace(status.request, waiting_since=since, next=here.gate_next))  # type: ignore[attr-defined]
+                   request=replace(status.request, waiting_since=since, next=here.gate_next))
 
 
 def _next_id(status: Status, request: int, stage: str) -> str:

@@ -166,6 +166,9 @@ class Node:
             except GitError as exc:
                 log.warning("remote unreachable (%s); facts stay in the journal", exc)
                 return min(2.0, self._config().poll)
+            except Exception:  # a bug must not take the node (and its running stages' reports) down
+                log.exception("cycle failed; trying again shortly")
+                return 2.0
             if landed:
                 break
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))

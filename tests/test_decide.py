@@ -587,3 +587,12 @@ def test_applying_a_plan_and_its_facts_again_changes_nothing(case: Case) -> None
     assert second.finished == []
     assert second.claims == []
     assert second.settled == {f.key for f in case.facts}
+
+
+def test_a_status_edited_by_hand_into_nonsense_breaks_only_its_own_project() -> None:
+    repo = (base() | project(pid="t", request=1) | status(pid="t", from_="no-such-stage")
+            | project(pid="u", request=1))
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1"))
+    assert plan.statuses["t"].state.value == "INVALID"
+    assert "cannot reconcile" in plan.statuses["t"].message
+    assert [c.project for c in plan.claims] == ["u"]
