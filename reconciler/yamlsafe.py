@@ -191,6 +191,8 @@ def parse_yaml(raw: bytes | str, path: str) -> Document:
         message = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
         if _char_at(text, line, column) == "\t":
             message = "a tab character: YAML is indented with spaces, never tabs"
+        elif "nesting depth" in message:  # newer libyaml stops deep nesting itself
+            raise InvalidFile([Problem(path, line, column, f"nested deeper than {MAX_DEPTH} levels")]) from None
         raise InvalidFile([Problem(path, line, column, f"invalid YAML: {message}")]) from None
     except yaml.reader.ReaderError as exc:
         at = _char_index(text, exc.position)
