@@ -11,14 +11,18 @@ import datetime as _dt
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
+import logging
+
 from reconciler.journal import Fact
 from reconciler.model import (Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
                               RunState, Stage, Status)
 from reconciler.placement import Slot, rank, slots
 from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
+from reconciler.secrets import MASK_TEXT as MASK
 from reconciler.state import ProjectEntry, Snapshot
 
-MASK = "***"
+log = logging.getLogger("winslow.decide")
+
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Me:
     name: str
     local_runs: frozenset[tuple[str, str]] = frozenset()  # (project, run id) alive on this node
     facts: tuple[Fact, ...] = ()
+    may_claim: bool = True  # False while the node's heartbeat lease has run out (fenced)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Plan:
     settled: set[tuple[str, str, str]] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # "<project>/<run>" startable but not claimed here
+    stale_branches: list[str] = field(default_factory=list)  # resume branches behind their project
 
     @property
     def commit_needed(self) -> bool:
@@ -95,19 +101,28 @@ def decide(world: World, me: Me) -> Plan:
     for fact in me.facts:
         facts.setdefault(fact.project, []).append(fact)
     startable: list[_Startable] = []
+    unreadable = {p.path.split("/")[1] for p in world.snapshot.problems
+                  if p.path.startswith("projects/") and p.path.endswith(("/status.yaml", "/pipeline.lock.yaml"))}
     for project_id, entry in world.snapshot.projects.items():
+        if project_id in unreadable:
+            # Reading it as "never started" would run every stage again: leave it for a person.
+            plan.settled.update(f.key for f in facts.pop(project_id, []) if f.kind == "started")
+            continue
         status = _apply_facts(project_id, entry.status, facts.pop(project_id, []), world, plan)
         if me.name == first_live:
             status = _mark_lost(project_id, status, world)
         status = _mark_vanished(project_id, status, me, world)
         if not entry.exists:
             _stop_local(project_id, status, me, plan, "project deleted")
+            if status != entry.status:  # record how its runs ended, so they hold no node's resources
+                plan.statuses[project_id] = replace(status, state=ProjectState.IDLE, message="project deleted")
             continue
         try:
             status, start = _reconcile(entry, status, world, me, plan, first_live)
         except Exception as exc:  # a status written by hand can break any assumption: that project only
+            log.exception("%s: cannot reconcile", project_id)
             status, start = replace(status, state=ProjectState.INVALID,
-                                    message=f"cannot reconcile: {type(exc).__name__}: {exc}"), None
+                                    message=f"cannot reconcile (internal error {type(exc).__name__}: {exc})"), None
         plan.statuses[project_id] = status
         if start:
             startable.append(start)
@@ -116,7 +131,9 @@ def decide(world: World, me: Me) -> Plan:
     for project_id, run_id in sorted(me.local_runs):
         if project_id not in world.snapshot.projects:  # its folder was deleted
             plan.stops.append(Stop(project_id, run_id, "project deleted"))
-    _place(startable, world, me, plan)
+    _place(startable, world, me, plan, first_live)
+    if me.name == first_live:
+        plan.stale_branches = _stale_branches(world)
     for project_id, status in list(plan.statuses.items()):
         before = world.snapshot.projects[project_id].status
         if replace(status, updated=before.updated) == before:
@@ -124,6 +141,16 @@ def decide(world: World, me: Me) -> Plan:
         else:
             plan.statuses[project_id] = replace(status, updated=world.now)
     return plan
+
+
+def _stale_branches(world: World) -> list[str]:
+    stale = []
+    for branch in sorted(world.resume_branches):
+        parts = branch.split("/")
+        entry = world.snapshot.projects.get(parts[1]) if len(parts) == 3 else None
+        if entry is None or not parts[2].isdigit() or entry.status.observed_request > int(parts[2]):
+            stale.append(branch)
+    return stale
 
 
 def _apply_facts(project_id: str, status: Status, facts: list[Fact], world: World, plan: Plan) -> Status:
@@ -142,7 +169,8 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], world: Worl
         ok = fact.exit_code == 0 and not fact.reason
         ended = f"exited {fact.exit_code}" if fact.exit_code is not None else "did not run"
         message = ended + (f": {fact.reason}" if fact.reason else "")
-        run = run.with_event(fact.time, message, state=RunState.SUCCEEDED if ok else RunState.FAILED,
+        state = RunState.LOST if fact.lost else RunState.SUCCEEDED if ok else RunState.FAILED
+        run = run.with_event(fact.time, message, state=state,
                              finished=fact.time, exit_code=fact.exit_code, reason=fact.reason,
                              log=f"projects/{project_id}/logs/{run.id}.log",
                              result=f"projects/{project_id}/results/{run.id}.yaml" if fact.manifest is not None else None)
@@ -218,7 +246,7 @@ def _new_request(entry: ProjectEntry, project: Project, status: Status, world: W
                                env=project.env)
     observed = replace(status, observed_request=spec.request, request=progress, state=ProjectState.RUNNING,
                        message=f"request {spec.request} observed")
-    busy = [r for r in status.active]
+    busy = status.active
     for run in busy:
         if run.node == me.name:
             plan.stops.append(Stop(entry.id, run.id, f"{SUPERSEDED} by request {spec.request}"))
@@ -289,7 +317,7 @@ def _next_id(status: Status, request: int, stage: str) -> str:
     return Run.make_id(request, stage, attempt)
 
 
-def _place(startable: list[_Startable], world: World, me: Me, plan: Plan) -> None:
+def _place(startable: list[_Startable], world: World, me: Me, plan: Plan, first_live: str) -> None:
     """Simulate the same placement every node computes, and claim what falls to this node."""
     running = [r for pid, entry in world.snapshot.projects.items()
                for r in plan.statuses.get(pid, entry.status).active]
@@ -297,7 +325,8 @@ def _place(startable: list[_Startable], world: World, me: Me, plan: Plan) -> Non
     for item in startable:
         ranking = rank(item.stage, free)
         if not ranking:
-            _note_unplaceable(item, plan, world)
+            if me.name == first_live:  # one writer, or nodes with different views would take turns
+                _note_unplaceable(item, plan, world)
             continue
         position = ranking.index(me.name) if me.name in ranking else -1
         waited = world.waited.get(f"{item.project}/{item.run_id}", 0.0)
@@ -305,7 +334,7 @@ def _place(startable: list[_Startable], world: World, me: Me, plan: Plan) -> Non
         if position > 0 and waited >= position * world.snapshot.config.grace:
             chosen = me.name
         free[chosen], gpus = free[chosen].take(item.stage)
-        if chosen == me.name:
+        if chosen == me.name and me.may_claim:
             _claim(item, gpus, world, me, plan)
         else:
             plan.waiting.append(f"{item.project}/{item.run_id}")

@@ -109,6 +109,9 @@ class StateRepo:
             self.path.mkdir(parents=True, exist_ok=True)
             git(self.path, "init", "-q", "--bare")
             git(self.path, "config", "remote.origin.url", self.url)
+            # Heartbeat commits are replaced every few seconds; do not keep them for two weeks.
+            git(self.path, "config", "gc.pruneExpire", "1.hour.ago")
+            git(self.path, "config", "gc.reflogExpireUnreachable", "1.hour.ago")
         else:
             git(self.path, "remote", "set-url", "origin", self.url)
 
@@ -126,9 +129,6 @@ class StateRepo:
 
     def tip(self) -> str | None:
         return self.refs(MAIN).get(MAIN)
-
-    def node_tips(self) -> dict[str, str]:
-        return {ref[len(NODES):]: sha for ref, sha in self.refs(NODES).items()}
 
     def tree(self, commit: str, with_results: bool = False) -> GitTree:
         if self._entries is None or self._entries[0] != commit:

@@ -160,7 +160,7 @@ def node_document(
     version: str,
     executor: str,
     started: str,
-    tick: int,
+    tick: int | None,
     tags: Iterable[str],
     drain: bool,
     capacity: Mapping[str, Any],
@@ -175,8 +175,9 @@ def node_document(
         "version": version,
         "executor": executor,
         "started": started,
-        "tick": int(tick),
     }
+    if tick is not None:  # the node branch keeps its tick in nodes/<node>.tick instead
+        document["tick"] = int(tick)
     if heartbeat is not None:
         document["heartbeat"] = heartbeat
     document["tags"] = list(tags)

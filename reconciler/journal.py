@@ -25,6 +25,7 @@ class Fact:
     exit_code: int | None = None
     reason: str | None = None
     image_digest: str | None = None
+    lost: bool = False  # ended by the node's own failure (fencing), not by the program
     manifest: dict[str, Any] | None = field(default=None, compare=False)
 
     @property

@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +23,9 @@ from reconciler.gitsync import MAIN, NODES, StateRepo
 from reconciler.liveness import Liveness
 from reconciler.pulse import Heartbeat
 from reconciler.journal import Fact, Journal
+from reconciler.model import ClusterConfig
 from reconciler.report import changes, message
-from reconciler.resume import push_resume
+from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
 from reconciler.state import StateReader
 from reconciler.storage import LocalStorage
@@ -64,7 +65,6 @@ class NodeOptions:
     node_timeout: float | None = None
     lease: float | None = None
     poll: float | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path, repo: str) -> Executor:
@@ -95,6 +95,8 @@ class Node:
         self.watcher: RemoteWatcher | None = None
         self._first_seen: dict[str, float] = {}
         self._missing_projects: dict[str, float] = {}
+        self._fetched = 0.0
+        self.fenced_runs: set[tuple[str, str]] = set()  # stopped by fencing: their end is LOST, not FAILED
         self._last_housekeeping = 0.0
         self.cycles = 0
 
@@ -105,8 +107,10 @@ class Node:
             manifest = self.storage.manifest(info.project, info.run_id)
         except (OSError, StorageError) as exc:
             log.warning("%s/%s: cannot list the workspace: %s", info.project, info.run_id, exc)
+        lost = (info.project, info.run_id) in self.fenced_runs
         self.journal.record(Fact("exited", info.project, info.run_id, info.finished, info.exit_code, info.reason,
-                                 manifest=manifest))
+                                 lost=lost, manifest=manifest))
+        self.fenced_runs.discard((info.project, info.run_id))
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
                  f" ({info.reason})" if info.reason else "")
         self.wake.set()
@@ -146,7 +150,7 @@ class Node:
             self.stop()
 
     # -- the cycle ----------------------------------------------------------------------------
-    def _config(self):  # the cluster config of the last snapshot, with flags on top
+    def _config(self) -> ClusterConfig:  # the cluster config of the last snapshot, with flags on top
         return self.heartbeat.config
 
     def step(self) -> float:
@@ -155,7 +159,7 @@ class Node:
             began = time.perf_counter()
             self.repo.fetch(skip_node=self.name)
             log.debug("fetch %.0fms", (time.perf_counter() - began) * 1000)
-            self.heartbeat.remote_ok()
+            self._fetched = time.monotonic()
         except GitError as exc:
             log.warning("fetch failed: %s", exc)
         for attempt in range(MAX_CAS_RETRIES):
@@ -171,13 +175,18 @@ class Node:
                 return 2.0
             if landed:
                 break
+        else:
+            log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)
             time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
                 log.warning("fetch failed: %s", exc)
                 return 1.0
-        self._housekeeping()
+        try:
+            self._housekeeping()
+        except Exception:
+            log.exception("housekeeping failed; trying again later")
         return self._sleep_budget()
 
     def cycle(self) -> bool:
@@ -200,13 +209,16 @@ class Node:
         clock.lap("observe")
         resumes = frozenset(ref[len(ORIGIN):] for ref in refs if ref.startswith(ORIGIN + "resume/"))
         world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
-        plan = decide(world, Me(self.name, local, facts))
+        plan = decide(world, Me(self.name, local, facts, may_claim=self.heartbeat.may_claim))
         clock.lap("decide")
         self._remember_waiting(plan)
         self.cycles += 1
         for stop in plan.stops:
             log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
-            self.executor.stop(stop.project, stop.run_id, stop.reason)
+            try:
+                self.executor.stop(stop.project, stop.run_id, stop.reason)
+            except Exception:
+                log.exception("%s/%s: could not stop", stop.project, stop.run_id)
         launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
             commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask),
@@ -233,12 +245,13 @@ class Node:
         clock.lap("launch")
         for resume in plan.resumes:
             push_resume(self.repo, tip, resume)
+        if plan.stale_branches:
+            prune_branches(self.repo, plan.stale_branches)
         if plan.commit_needed or plan.claims:
             log.debug("cycle %d on %s: %s", self.cycles, tip[:10], clock)
         return True
 
-    def _with_flags(self, config):
-        from dataclasses import replace
+    def _with_flags(self, config: ClusterConfig) -> ClusterConfig:
         o = self.options
         return replace(config, **{k: v for k, v in (("heartbeat", o.heartbeat), ("node_timeout", o.node_timeout),
                                                      ("lease", o.lease), ("poll", o.poll)) if v is not None})
@@ -274,8 +287,8 @@ class Node:
             if isinstance(spec, str):
                 raise ExecutorError(spec)
             started = self.executor.start(spec)
-        except ExecutorError as exc:
-            reason = str(exc)
+        except Exception as exc:  # whatever it was, the run did not start: say so, do not lose the claim
+            reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
             log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
             self.journal.record(Fact("exited", claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
@@ -308,12 +321,12 @@ class Node:
             return
         self._last_housekeeping = now
         snapshot = self.reader.last
-        if snapshot is None or snapshot.commit is None:
-            return
+        if snapshot is None or snapshot.commit is None or now - self._fetched > self._config().node_timeout:
+            return  # never delete on a stale view of the repo
         known = {pid for pid, entry in snapshot.projects.items() if entry.exists}
         on_disk = self.storage.projects_on_disk()
         self._missing_projects = {p: self._missing_projects.get(p, now) for p in on_disk - known}
-        busy = {project for project, _ in ((r.project, r.run_id) for r in self.executor.running())}
+        busy = {r.project for r in self.executor.running()}
         for project, since in list(self._missing_projects.items()):
             if now - since >= self._config().cleanup and project not in busy:
                 removed = self.storage.remove_project(project)

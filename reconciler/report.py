@@ -1,7 +1,7 @@
 """Report: turn a plan into the files of one commit, and a message a person can read."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 from reconciler.decide import Plan
 from reconciler.model import ClusterConfig, Pipeline, Status
@@ -47,7 +47,3 @@ def message(plan: Plan, node: str) -> str:
         subject = f"{notes[0]} (and {len(notes) - 1} more)"
     body = "\n".join(f"- {n}" for n in notes) if len(notes) > 1 else ""
     return f"{subject}\n\n{body}\n\nNode: {node}".replace("\n\n\n", "\n\n")
-
-
-def summary(statuses: Mapping[str, Status]) -> str:
-    return ", ".join(f"{p}={s.state.value}" for p, s in sorted(statuses.items()))

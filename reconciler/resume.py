@@ -41,3 +41,14 @@ def push_resume(repo: StateRepo, tip: str, resume: Resume) -> None:
         log.info("%s: could not push %s (%s); another node may have", resume.project, branch, exc)
     except WinslowError as exc:
         log.warning("%s: cannot prepare %s: %s", resume.project, branch, exc)
+
+
+def prune_branches(repo: StateRepo, branches: list[str]) -> None:
+    """Delete resume branches of requests that are behind the project: merging one now would go back."""
+    try:
+        repo.push([f":refs/heads/{branch}" for branch in branches])
+        for branch in branches:
+            repo.git("update-ref", "-d", f"refs/remotes/origin/{branch}")
+        log.info("deleted stale %s", ", ".join(branches))
+    except GitError as exc:
+        log.info("could not delete %s (%s)", ", ".join(branches), exc)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from reconciler.errors import ExecutorError
 
-MASK = b"***"
+MASK_TEXT = "***"
+MASK = MASK_TEXT.encode()
 MIN_MASKED = 4  # shorter values would mask ordinary words
 
 

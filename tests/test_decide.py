@@ -596,3 +596,38 @@ def test_a_status_edited_by_hand_into_nonsense_breaks_only_its_own_project() -> 
     assert plan.statuses["t"].state.value == "INVALID"
     assert "cannot reconcile" in plan.statuses["t"].message
     assert [c.project for c in plan.claims] == ["u"]
+
+
+def test_an_unreadable_status_starts_nothing_and_writes_nothing() -> None:
+    repo = base() | project(pid="t", request=1) | {"projects/t/status.yaml": "state: Succeeded\nruns: []\n"}
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1"))
+    assert plan.claims == [] and "t" not in plan.statuses and not plan.locks
+
+
+def test_a_run_of_a_project_whose_file_was_deleted_is_recorded_as_ended() -> None:
+    repo = base() | status(pid="t", runs=[run("1-a-1", node="gpu1")])
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", facts=(exited("1-a-1", 0),)))
+    assert [r.state.value for r in plan.statuses["t"].runs] == ["SUCCEEDED"]
+    assert plan.statuses["t"].message == "project deleted" and plan.claims == []
+
+
+def test_a_fenced_node_claims_nothing() -> None:
+    repo = base() | project(pid="t", request=1)
+    assert decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", may_claim=False)).claims == []
+    assert len(decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1")).claims) == 1
+
+
+def test_a_run_stopped_by_fencing_ends_lost_and_is_retried_on_the_lost_budget() -> None:
+    repo = base() | project(pid="t", request=1) | status(pid="t", runs=[run("1-a-1", node="gpu1")])
+    fact = Fact("exited", "t", "1-a-1", NOW, exit_code=143, reason="fenced: gpu1 could not renew", lost=True)
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", facts=(fact,)))
+    assert [(r.id, r.state.value) for r in plan.statuses["t"].runs] == [("1-a-1", "LOST"), ("1-a-2", "RUNNING")]
+
+
+def test_resume_branches_behind_their_project_are_pruned_by_the_first_live_node_only() -> None:
+    repo = base() | project(pid="t", request=2) | status(pid="t", request=2, runs=[run("2-a-1", node="gpu1")])
+    branches = frozenset({"resume/t/1", "resume/t/2", "resume/gone/4"})
+    nodes = {"gpu1": GPU1, "laptop": LAPTOP}
+    first = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches), Me("gpu1", local_runs=frozenset({("t", "2-a-1")})))
+    other = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches), Me("laptop"))
+    assert first.stale_branches == ["resume/gone/4", "resume/t/1"] and other.stale_branches == []

@@ -90,3 +90,22 @@ def test_a_deleted_project_stops_its_stage_and_its_storage_goes_after_the_grace_
              "the deleted project's storage to be removed")
     assert (storage / "workspaces/kept/1-q-1/out").read_text() == "kept\n"
     assert remote.read("projects/gone/status.yaml") is None
+
+
+def test_a_node_cut_off_longer_than_its_lease_stops_its_stage_and_the_run_ends_lost_not_failed(setup) -> None:
+    remote, start, tmp = setup
+    pipeline = "name: long\nstages:\n  - {name: s, image: none, command: [sleep, '300'], retries: 0}\n"
+    remote.write({"pipelines/long.yaml": pipeline, "projects/p/project.yaml": PROJECT.format(pipeline="long")})
+    start("--lease", "3s", "--node-timeout", "60s")
+    wait_for(lambda: started(remote, "p"), 30, "the stage to start")
+    away = remote.remote.with_name("remote.away")
+    os.rename(remote.remote, away)
+    try:
+        journal = tmp / "work" / "n1" / "journal.jsonl"
+        wait_for(lambda: journal.exists() and '"lost": true' in journal.read_text(), 20, "the node to fence itself")
+    finally:
+        os.rename(away, remote.remote)
+    wait_for(lambda: len(remote.status("p").get("runs", [])) == 2, 30, "a new attempt after the lost one")
+    first, second = remote.status("p")["runs"]
+    assert first["state"] == "LOST" and first["reason"].startswith("fenced:")
+    assert second["id"] == "1-s-2" and second["state"] == "RUNNING"

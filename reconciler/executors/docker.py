@@ -107,8 +107,10 @@ class DockerExecutor:
                 return
             self._watches[key] = None
         try:
-            self._prepared[key] = (self._image(spec.image), self._create(spec))
-        except ExecutorError:
+            # Only an image already here: a pull can take minutes and belongs to start().
+            image = self._client.images.get(spec.image)
+            self._prepared[key] = (image, self._create(spec))
+        except (ExecutorError, *_ENGINE_ERRORS):
             with self._lock:
                 self._watches.pop(key, None)  # start() tries again and reports why
 
