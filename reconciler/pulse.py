@@ -5,7 +5,7 @@ their log tails) on top of the previous beat and force-pushes the node's own
 branch; every `SQUASH_EVERY` beats the branch restarts from one parentless
 commit, so it stays short. Each beat changes only a tiny tick file; the node
 file itself is rewritten when runs, log tails or capacity change, and for a
-fresh load sample every `LOAD_EVERY` seconds, so a quiet node adds a few
+fresh load sample every `LOAD_EVERY` beats, so a quiet node adds a few
 hundred bytes to the remote per beat. A node that cannot renew its heartbeat for the
 lease time stops its own containers: by then the others may have declared it
 lost and started the work elsewhere.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("winslow.pulse")
 SQUASH_EVERY = 120
-LOAD_EVERY = 30.0  # seconds between load samples on the branch (the viewer's charts)
+LOAD_EVERY = 6  # beats between load samples on the branch (the viewer's charts): 30 s at the default 5 s
 
 
 class Heartbeat:
@@ -47,7 +47,7 @@ class Heartbeat:
         self._beats_on_branch = 0
         self._last_ok = time.monotonic()
         self._last_beat = 0.0
-        self._last_sample = -LOAD_EVERY
+        self._beats_since_sample = LOAD_EVERY
         self._load: dict = {}
         self._content = b""
         self._stop = threading.Event()
@@ -119,9 +119,10 @@ class Heartbeat:
         repo = self.node.repo
         name = self.node.name
         began = time.monotonic()
-        if self._last_beat - self._last_sample >= LOAD_EVERY:
+        self._beats_since_sample += 1
+        if self._beats_since_sample >= LOAD_EVERY:
             self._load = self.sampler.sample()
-            self._last_sample = self._last_beat
+            self._beats_since_sample = 0
         changes = {f"nodes/{name}.tick": f"{self.tick}\n".encode()}
         content = dump_yaml(self.document()).encode()
         if content != self._content:
