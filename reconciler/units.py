@@ -50,6 +50,8 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(f"'{text}' is too long a duration")
         return float(text)
     compact = str(text).replace(" ", "")
+    if re.fullmatch(r"\d+(?:\.\d+)?", compact):  # bare seconds, as on the command line
+        return float(compact)
     parts = _DURATION_PART.findall(compact)
     if not compact or "".join(n + u for n, u in parts) != compact:
         raise ValueError(f"'{text}' is not a duration (examples: 90s, 30m, 48h, 7d)")
