@@ -16,7 +16,7 @@ import logging
 from reconciler.journal import Fact
 from reconciler.model import (Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
                               RunState, Stage, Status)
-from reconciler.placement import Slot, rank, slots
+from reconciler.placement import rank, slots
 from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
 from reconciler.secrets import MASK_TEXT as MASK
 from reconciler.state import ProjectEntry, Snapshot

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from reconciler import __version__
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id, utcnow
@@ -166,6 +165,7 @@ class Node:
             try:
                 landed = self.cycle()
             except PushRejected:
+                log.debug("claim race lost: main moved on; deciding again on the new tip")
                 landed = False
             except GitError as exc:
                 log.warning("remote unreachable (%s); facts stay in the journal", exc)
@@ -175,14 +175,14 @@ class Node:
                 return 2.0
             if landed:
                 break
-        else:
-            log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)
-            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))
+            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # the race was lost: fetch the winner's tip
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
                 log.warning("fetch failed: %s", exc)
                 return 1.0
+        else:
+            log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)
         try:
             self._housekeeping()
         except Exception:

@@ -5,14 +5,23 @@ PyYAML would silently accept or choke on: duplicate keys (an error, not
 last-one-wins), alias bombs, deep nesting, huge files, non-UTF-8 bytes and
 multiple documents. Each value's position is kept so that schema and meaning
 errors can be reported as `file:line:col`.
+
+The data is built in one pass straight from libyaml's parser events, without
+PyYAML's composer: nesting is counted on the events themselves, so a deep file
+is refused at the bracket that goes too deep and nothing ever recurses. An
+alias replays the events recorded for its anchor, so it costs (and counts
+against MAX_VALUES) what it expands into, exactly as if it were written out.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
+from yaml.events import (AliasEvent, DocumentStartEvent, MappingEndEvent, MappingStartEvent, ScalarEvent,
+                         SequenceEndEvent, SequenceStartEvent, StreamEndEvent)
 
 from reconciler.errors import InvalidFile, Problem
 
@@ -21,8 +30,21 @@ MAX_VALUES = 100_000
 MAX_DEPTH = 64
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 JsonPath = tuple[object, ...]
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("null", "bool", "int", "float", "timestamp")}
+_WILDCARD = tuple(_Loader.yaml_implicit_resolvers.get(None, []))
+# YAML 1.1 implicit tags of plain scalars, as PyYAML's resolver finds them: by first character, then regex.
+_IMPLICIT: dict[str, tuple[tuple[str, re.Pattern[str]], ...]] = {
+    first: tuple(resolvers) + _WILDCARD for first, resolvers in _Loader.yaml_implicit_resolvers.items() if first is not None}
+
+# What a frame of the builder is filling in.
+_MAP, _SEQ, _MERGE_MAP, _MERGE_LIST, _MUTED = range(5)
+# A mapping frame's `key` when it waits for a key, or when the coming value is skipped or merged.
+_NO_KEY, _SKIP, _MERGE = object(), object(), object()
 
 
 @dataclass
@@ -45,90 +67,391 @@ class Document:
         return Problem(self.path, line, column, message)
 
 
-class _TooBig(Exception):
-    pass
+class _Fatal(Exception):
+    """Stops building; the first of these in a document is its one problem (after syntax and depth errors)."""
+
+    def __init__(self, mark: Any, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.mark, self.message, self.rank = mark, message, rank
+
+
+_COMPOSE, _SECOND_DOCUMENT, _TOO_BIG = 0, 1, 2  # ranks: lower wins, as PyYAML's composer met them first
+
+
+class _Frame:
+    __slots__ = ("kind", "value", "path", "key", "key_path", "seen", "anchor", "defines", "into")
+
+    def __init__(self, kind: int, value: Any, path: JsonPath, anchor: str | None, into: Any = None) -> None:
+        self.kind, self.value, self.path, self.anchor, self.into = kind, value, path, anchor, into
+        self.key: object = _NO_KEY
+        self.key_path: JsonPath = path
+        self.seen: dict[str, int] = {}
+        self.defines = False
+
+
+def _resolve(value: str) -> str:
+    for tag, regexp in _IMPLICIT.get(value[:1], _WILDCARD):
+        if regexp.match(value):
+            return tag
+    return _STR
+
+
+def _is_merge_key(event: ScalarEvent) -> bool:
+    tag = event.tag
+    if tag is None or tag == "!":
+        return bool(event.implicit[0]) and event.value == "<<"
+    return tag == _MERGE_TAG
+
+
+def _mark(mark: Any) -> tuple[int, int]:
+    return (mark.line + 1, mark.column + 1)
 
 
 class _Builder:
-    """Turns a composed node graph into plain data, with budgets against bombs."""
+    """Plain data and positions from one document's events, with budgets against bombs."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, next_event: Callable[[], Any]) -> None:
         self.path = path
+        self.next_event = next_event
         self.positions: dict[JsonPath, tuple[int, int]] = {}
         self.problems: list[Problem] = []
         self.values = 0
-        self._scalars = yaml.constructor.SafeConstructor()
+        self.depth = 0
+        self.root_mark: Any = None
+        self.anchors: dict[str, tuple[int, int, Any]] = {}  # name -> (first, end) in self.log, its first event
+        self.open: dict[str, int] = {}  # anchors of the collections being built: an alias to one recurses
+        self.log: list[Any] = []  # raw events while an anchor is being defined
+        self.recording = 0
+        self.replays: list[Iterator[Any]] = []
+        self._constructor: yaml.constructor.SafeConstructor | None = None
 
-    def _problem(self, node: yaml.Node, message: str) -> None:
-        self.problems.append(Problem(self.path, node.start_mark.line + 1, node.start_mark.column + 1, message))
+    # --- the event loop ----------------------------------------------------------------------
 
-    def build(self, node: yaml.Node, json_path: JsonPath, ancestors: frozenset[int]) -> Any:
+    def _problem(self, mark: Any, message: str) -> None:
+        self.problems.append(Problem(self.path, mark.line + 1, mark.column + 1, message))
+
+    def _too_deep(self, mark: Any) -> InvalidFile:
+        return InvalidFile([Problem(self.path, mark.line + 1, mark.column + 1, f"nested deeper than {MAX_DEPTH} levels")])
+
+    def document(self) -> Any:
+        """The value of the document whose DocumentStartEvent was just read."""
+        stack: list[_Frame] = []
+        positions, replays, log, next_event = self.positions, self.replays, self.log, self.next_event
+        while True:
+            if replays:
+                event = next(replays[-1], None)
+                if event is None:
+                    replays.pop()
+                    continue
+                raw = False
+            else:
+                event = next_event()
+                raw = True
+                if self.recording:
+                    log.append(event)
+            kind = event.__class__
+            if kind is ScalarEvent:
+                if raw and event.anchor is not None:
+                    self._define(event, None)
+                if not stack:
+                    return self._scalar(event, ())
+                top = stack[-1]
+                if top.kind is _SEQ:
+                    path = top.path + (len(top.value),)
+                    value = self._scalar(event, path)
+                    positions.setdefault(path, (event.start_mark.line + 1, event.start_mark.column + 1))
+                    top.value.append(value)
+                elif top.kind is _MAP or top.kind is _MERGE_MAP:
+                    key = top.key
+                    if key is _NO_KEY:
+                        self._key(top, event, event.start_mark)
+                    elif key is _SKIP:
+                        top.key = _NO_KEY
+                    elif key is _MERGE:
+                        self._problem(event.start_mark, "'<<' merges only mappings")
+                        top.key = _NO_KEY
+                    else:
+                        top.value[key] = self._scalar(event, top.key_path)
+                        top.key = _NO_KEY
+                elif top.kind is _MERGE_LIST:
+                    self._problem(event.start_mark, "'<<' merges only mappings")
+            elif kind is MappingStartEvent or kind is SequenceStartEvent:
+                if raw:
+                    self.depth += 1
+                    if self.depth > MAX_DEPTH:
+                        raise self._too_deep(event.start_mark)
+                frame = self._open(stack, event, kind is MappingStartEvent)
+                if raw and event.anchor is not None:
+                    self._define(event, frame)
+                if frame.anchor is not None:
+                    self.open[frame.anchor] = self.open.get(frame.anchor, 0) + 1
+                stack.append(frame)
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                if raw:
+                    self.depth -= 1
+                frame = stack.pop()
+                if frame.anchor is not None:
+                    self.open[frame.anchor] -= 1
+                    if frame.defines:
+                        first, _, start = self.anchors[frame.anchor]
+                        self.anchors[frame.anchor] = (first, len(log), start)
+                        self.recording -= 1
+                if frame.kind is _MERGE_MAP:
+                    for key, value in frame.value.items():
+                        frame.into.setdefault(key, value)
+                value = frame.value if frame.kind is _MAP or frame.kind is _SEQ else _SKIP
+                if not stack:
+                    return value
+                self._give(stack[-1], value)
+            elif kind is AliasEvent:
+                if not stack:
+                    found = self._alias(None, event, raw)
+                    if found is not _SKIP:
+                        return found
+                else:
+                    self._alias(stack[-1], event, raw)
+            else:
+                raise _Fatal(event.start_mark, f"unexpected {kind.__name__}", _COMPOSE)
+
+    def _give(self, parent: _Frame, value: Any) -> None:
+        """A finished collection (or _SKIP, for one that gives no value) to the frame below it."""
+        if parent.kind is _SEQ:
+            parent.value.append(value)
+        elif parent.kind is _MAP or parent.kind is _MERGE_MAP:
+            if parent.key is _NO_KEY:  # it was a key: a list or mapping; its value is skipped
+                parent.key = _SKIP
+                return
+            if value is not _SKIP and parent.key is not _SKIP and parent.key is not _MERGE:
+                parent.value[parent.key] = value
+            parent.key = _NO_KEY
+
+    def _slot(self, parent: _Frame | None) -> tuple[object, JsonPath]:
+        """What the next value is for: a value at a path, a key, one to skip, or a merge source."""
+        if parent is None:
+            return "value", ()
+        if parent.kind is _SEQ:
+            return "value", parent.path + (len(parent.value),)
+        if parent.kind is _MAP or parent.kind is _MERGE_MAP:
+            key = parent.key
+            if key is _NO_KEY:
+                return "key", parent.path
+            if key is _SKIP:
+                return "skip", parent.path
+            if key is _MERGE:
+                return "merge", parent.path
+            return "value", parent.key_path
+        if parent.kind is _MERGE_LIST:
+            return "merge-item", parent.path
+        return "skip", parent.path
+
+    def _open(self, stack: list[_Frame], event: Any, mapping: bool) -> _Frame:
+        parent = stack[-1] if stack else None
+        slot, path = self._slot(parent)
+        anchor = event.anchor
+        if slot == "value":
+            self._count(path)
+            if self.root_mark is None:
+                self.root_mark = event.start_mark
+            self.positions.setdefault(path, _mark(event.start_mark))
+            return _Frame(_MAP, {}, path, anchor) if mapping else _Frame(_SEQ, [], path, anchor)
+        if slot == "key":
+            self._problem(event.start_mark, "a key must be a plain value, not a list or mapping")
+        elif slot == "merge" or slot == "merge-item":
+            into = parent.value if slot == "merge" else parent.into  # type: ignore[union-attr]
+            if mapping:
+                return _Frame(_MERGE_MAP, {}, path, anchor, into)
+            if slot == "merge":
+                return _Frame(_MERGE_LIST, None, path, anchor, into)
+            self._problem(event.start_mark, "'<<' merges only mappings")
+        return _Frame(_MUTED, None, path, anchor)
+
+    def _count(self, path: JsonPath) -> None:
         self.values += 1
         if self.values > MAX_VALUES:
-            raise _TooBig(f"more than {MAX_VALUES} values (an alias bomb?)")
-        if len(json_path) > MAX_DEPTH:
-            raise _TooBig(f"nested deeper than {MAX_DEPTH} levels")
-        if id(node) in ancestors:
-            self._problem(node, "an alias refers to itself (recursive structure)")
-            return None
-        self.positions.setdefault(json_path, (node.start_mark.line + 1, node.start_mark.column + 1))
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node)
-        inner = ancestors | {id(node)}
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, json_path + (i,), inner) for i, item in enumerate(node.value)]
-        return self._mapping(node, json_path, inner)
+            raise _Fatal(self.root_mark, f"more than {MAX_VALUES} values (an alias bomb?)", _TOO_BIG)
+        if len(path) > MAX_DEPTH:  # only an alias can go deeper than the events do
+            raise _Fatal(self.root_mark, f"nested deeper than {MAX_DEPTH} levels", _TOO_BIG)
 
-    def _scalar(self, node: yaml.ScalarNode) -> Any:
+    def _define(self, event: Any, frame: _Frame | None) -> None:
+        name = event.anchor
+        if name in self.anchors:
+            raise _Fatal(event.start_mark, "found duplicate anchor; first occurrence second occurrence", _COMPOSE)
+        if not self.recording:
+            self.log.append(event)
+        first = len(self.log) - 1
+        self.anchors[name] = (first, first + 1, event)
+        if frame is not None:
+            frame.defines = True
+            self.recording += 1
+
+    def _key(self, frame: _Frame, event: ScalarEvent, mark: Any) -> None:
+        if _is_merge_key(event):
+            frame.key = _MERGE
+            return
+        key = event.value  # as written: `on:` and `NO:` are names here, not YAML 1.1 booleans
+        seen = frame.seen
+        if key in seen:
+            self._problem(mark, f"duplicate key '{key}' (first defined on line {seen[key]})")
+            frame.key = _SKIP
+            return
+        seen[key] = mark.line + 1
+        frame.key = key
+        frame.key_path = frame.path + (key,)
+        self.positions[frame.key_path] = (mark.line + 1, mark.column + 1)
+
+    def _alias(self, parent: _Frame | None, event: Any, raw: bool) -> Any:
+        """An alias where a value is due: replayed from its anchor, or a problem; _SKIP when it gives no value now."""
+        anchor = self.anchors.get(event.anchor)
+        if anchor is None:
+            raise _Fatal(event.start_mark, "found undefined alias", _COMPOSE)
+        first, end, start = anchor
+        recursive = self.open.get(event.anchor, 0) > 0
+        slot, path = self._slot(parent)
+        if slot == "skip":
+            if parent is not None and parent.kind is not _MUTED:
+                parent.key = _NO_KEY
+            return _SKIP
+        if slot == "key":
+            if recursive or start.__class__ is not ScalarEvent:
+                self._problem(start.start_mark, "a key must be a plain value, not a list or mapping")
+                parent.key = _SKIP  # type: ignore[union-attr]
+            else:
+                self._key(parent, start, start.start_mark)  # type: ignore[arg-type]
+            return _SKIP
+        if recursive:
+            if slot == "value":
+                self._count(path)
+                self._problem(start.start_mark, "an alias refers to itself (recursive structure)")
+                if parent is None:
+                    return None
+                self._give(parent, None)
+            else:
+                self._problem(start.start_mark, "a mapping merges itself (recursive structure)")
+                if slot == "merge":
+                    parent.key = _NO_KEY  # type: ignore[union-attr]
+            return _SKIP
+        self.replays.append(iter(self.log[first:end]))
+        return _SKIP
+
+    # --- scalars -----------------------------------------------------------------------------
+
+    def _scalar(self, event: ScalarEvent, path: JsonPath) -> Any:
+        self._count(path)
+        if self.root_mark is None:
+            self.root_mark = event.start_mark
+            self.positions[path] = _mark(event.start_mark)
+        value, tag = event.value, event.tag
+        if tag is None or tag == "!":
+            if not event.implicit[0]:
+                return value
+            tag = _resolve(value)
+        if tag == _STR:
+            return value
+        if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
+            try:
+                return int(value)
+            except ValueError:
+                pass  # over Python's digit limit: the constructor says so below
+        return self._construct(event, tag)
+
+    def _construct(self, event: ScalarEvent, tag: str) -> Any:
+        if self._constructor is None:
+            self._constructor = yaml.constructor.SafeConstructor()
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
         try:
-            value = self._scalars.construct_object(node, deep=True)
+            if tag in _PLAIN_TAGS:
+                value = self._constructor.yaml_constructors[tag](self._constructor, node)
+            else:  # an explicit tag: `!!binary`, `!!python/...`, `!foo`; never more than plain data
+                value = self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            self._problem(node, f"cannot read value: {getattr(exc, 'problem', exc)}")
+            self._problem(event.start_mark, f"cannot read value: {getattr(exc, 'problem', exc)}")
             return None
         except Exception as exc:  # a date that is none, an int too long, a tag whose value does not fit it
-            self._problem(node, f"cannot read value {node.value[:40]!r}: {exc}")
+            self._problem(event.start_mark, f"cannot read value {event.value[:40]!r}: {exc}")
             return None
         if isinstance(value, (_dt.datetime, _dt.date)):
             return value.isoformat()
         if isinstance(value, bytes):
-            self._problem(node, "binary values are not allowed")
+            self._problem(event.start_mark, "binary values are not allowed")
             return None
         if isinstance(value, float) and value != value:
-            self._problem(node, "NaN is not allowed")
+            self._problem(event.start_mark, "NaN is not allowed")
             return None
         return value
 
-    def _mapping(self, node: yaml.MappingNode, json_path: JsonPath, ancestors: frozenset[int]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                self._merge(value_node, result, json_path, ancestors)
-                continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                self._problem(key_node, "a key must be a plain value, not a list or mapping")
-                continue
-            key = key_node.value  # as written: `on:` and `NO:` are names here, not YAML 1.1 booleans
-            if key in seen:
-                self._problem(key_node, f"duplicate key '{key}' (first defined on line {seen[key]})")
-                continue
-            seen[key] = key_node.start_mark.line + 1
-            child = json_path + (key,)
-            self.positions[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            result[key] = self.build(value_node, child, ancestors)
-        return result
+    # --- after a fatal problem: read on for the errors that come first ------------------------
 
-    def _merge(self, value_node: yaml.Node, into: dict[str, Any], json_path: JsonPath, ancestors: frozenset[int]) -> None:
-        sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-        for source in sources:
-            if not isinstance(source, yaml.MappingNode):
-                self._problem(source, "'<<' merges only mappings")
+    def drain_document(self, fatal: _Fatal) -> _Fatal:
+        """Read to the end of the document: a syntax error or deep nesting anywhere wins, then the first composer error."""
+        while True:
+            event = self.next_event()
+            kind = event.__class__
+            if kind is MappingStartEvent or kind is SequenceStartEvent:
+                self.depth += 1
+                if self.depth > MAX_DEPTH:
+                    raise self._too_deep(event.start_mark)
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                self.depth -= 1
+            elif kind is ScalarEvent or kind is AliasEvent:
+                pass
+            else:
+                return fatal
+            if fatal.rank == _COMPOSE:
                 continue
-            if id(source) in ancestors:
-                self._problem(source, "a mapping merges itself (recursive structure)")
-                continue
-            for key, value in self._mapping(source, json_path, ancestors | {id(source)}).items():
-                into.setdefault(key, value)
+            try:
+                if kind is AliasEvent and event.anchor not in self.anchors:
+                    raise _Fatal(event.start_mark, "found undefined alias", _COMPOSE)
+                if getattr(event, "anchor", None) is not None and kind is not AliasEvent:
+                    if event.anchor in self.anchors:
+                        raise _Fatal(event.start_mark, "found duplicate anchor; first occurrence second occurrence", _COMPOSE)
+                    self.anchors[event.anchor] = (0, 0, event)
+            except _Fatal as found:
+                fatal = found
+
+    def drain_stream(self) -> None:
+        """Read the rest of the stream after a second document: only syntax errors and depth count there."""
+        while True:
+            event = self.next_event()
+            kind = event.__class__
+            if kind is MappingStartEvent or kind is SequenceStartEvent:
+                self.depth += 1
+                if self.depth > MAX_DEPTH:
+                    raise self._too_deep(event.start_mark)
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                self.depth -= 1
+            elif kind is StreamEndEvent:
+                return
+
+
+def _build(text: str, path: str) -> Document:
+    parser = _Loader(text)
+    try:
+        builder = _Builder(path, parser.get_event)
+        parser.get_event()  # StreamStartEvent
+        if parser.get_event().__class__ is StreamEndEvent:
+            return Document(path, None, {(): (1, 1)})
+        fatal: _Fatal | None = None
+        data: Any = None
+        try:
+            data = builder.document()
+        except _Fatal as exc:
+            fatal = builder.drain_document(exc)
+        else:
+            parser.get_event()  # DocumentEndEvent
+        if fatal is None or fatal.rank > _COMPOSE:
+            event = parser.get_event()
+            if event.__class__ is DocumentStartEvent:
+                fatal = _Fatal(event.start_mark, "expected a single document in the stream but found another document",
+                               _SECOND_DOCUMENT)
+                builder.drain_stream()
+    finally:
+        parser.dispose()
+    if fatal is not None:
+        prefix = "invalid YAML: " if fatal.rank < _TOO_BIG else ""
+        raise InvalidFile([Problem(path, *_mark(fatal.mark), prefix + fatal.message)])
+    if builder.problems:
+        raise InvalidFile(builder.problems)
+    return Document(path, data, builder.positions)
 
 
 def _decode(raw: bytes, path: str) -> str:
@@ -155,19 +478,6 @@ def _char_at(text: str, line: int, column: int) -> str:
     return ""
 
 
-def _check_depth(text: str) -> None:
-    """Refuse deep nesting before composing: the C composer recurses and would crash."""
-    depth = 0
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                mark = event.start_mark
-                raise InvalidFile([Problem("", mark.line + 1, mark.column + 1, f"nested deeper than {MAX_DEPTH} levels")])
-        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
-
-
 def parse_yaml(raw: bytes | str, path: str) -> Document:
     """Parse one YAML document; InvalidFile with every problem when it cannot be used."""
     size = len(raw)
@@ -183,8 +493,7 @@ def parse_yaml(raw: bytes | str, path: str) -> Document:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        _check_depth(text)
-        node = yaml.compose(text, Loader=_Loader)
+        return _build(text, path)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -202,22 +511,6 @@ def parse_yaml(raw: bytes | str, path: str) -> Document:
         raise InvalidFile([Problem(path, line, column, f"unacceptable {what}: {exc.reason}")]) from None
     except yaml.YAMLError as exc:
         raise InvalidFile([Problem(path, 1, 1, f"invalid YAML: {' '.join(str(exc).split())}")]) from None
-    except InvalidFile as exc:
-        raise InvalidFile([Problem(path, p.line, p.column, p.message) for p in exc.problems]) from None
-    except RecursionError:
-        raise InvalidFile([Problem(path, 1, 1, f"nested deeper than {MAX_DEPTH} levels")]) from None
-    if node is None:
-        return Document(path, None, {(): (1, 1)})
-    builder = _Builder(path)
-    try:
-        data = builder.build(node, (), frozenset())
-    except _TooBig as exc:
-        raise InvalidFile([Problem(path, node.start_mark.line + 1, node.start_mark.column + 1, str(exc))]) from None
-    except RecursionError:
-        raise InvalidFile([Problem(path, 1, 1, f"nested deeper than {MAX_DEPTH} levels")]) from None
-    if builder.problems:
-        raise InvalidFile(builder.problems)
-    return Document(path, data, builder.positions)
 
 
 class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]

@@ -49,3 +49,6 @@ def test_two_nodes_run_every_stage_of_twenty_projects_exactly_once(tmp_path: Pat
             assert executions[0].split()[1] == run["node"]
             ran_on[run["node"]] += 1
     assert sum(ran_on.values()) == 2 * PROJECTS
+    for node in nodes:  # lost races were retried on the winner's tip, not given up on
+        assert "pushes in a row were rejected" not in node.log()
+        assert "cycle failed" not in node.log()

@@ -54,7 +54,7 @@ def test_pipeline_runs_through_gate_approved_by_merging_resume_branch(cluster, t
     remote, start = cluster
     remote.write({"pipelines/cpu.yaml": PIPELINE.format(image="none", gate="true"),
                   "projects/p/project.yaml": PROJECT.format(pipeline="cpu", request=1, state="running")})
-    node = start()
+    start()
     wait_for(lambda: state_of(remote, "p") == "WAITING", 30, "the gate after stage a")
     status = remote.status("p")
     assert [r["state"] for r in status["runs"]] == ["SUCCEEDED"]

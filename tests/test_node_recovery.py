@@ -1,7 +1,6 @@
 """A node that is killed, cut off from its remote, or told a project is gone loses nothing it should keep."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
