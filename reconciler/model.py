@@ -216,7 +216,8 @@ class Run:
 
     @staticmethod
     def make_id(request: int, stage: str, attempt: int) -> str:
-        return f"{request}-{stage}-{attempt}"
+        # int(): a request or attempt read as 1.0 (valid JSON Schema integers) still names run 1, not '1.0'.
+        return f"{int(request)}-{stage}-{int(attempt)}"
 
     @property
     def done(self) -> bool:

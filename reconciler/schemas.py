@@ -1,38 +1,77 @@
-"""JSON Schema checks (draft 2020-12) with errors located in the YAML source."""
+"""JSON Schema checks (draft 2020-12) with errors located in the YAML source.
+
+A valid document is the common case: it is checked by jsonschema_rs (compiled,
+in Rust) when that is installed. Only a document it refuses goes through
+jsonschema, whose errors say where and what. The fast check may refuse more
+than jsonschema (an infinite float, Python's `$` before a final newline), never
+less, so the result is always jsonschema's.
+"""
 from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
+try:
+    import jsonschema_rs
+except ImportError:  # only slower without it
+    jsonschema_rs = None
 
 from reconciler.errors import Problem
 from reconciler.resources import schema_dir
-from reconciler.yamlsafe import Document
+from reconciler.yamlsafe import Document, shorten
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
 
 KINDS = ("winslow", "pipeline", "project", "status", "pipeline-lock", "result", "node")
 SCHEMA_URL = "https://winslow.dev/schema/{kind}.schema.json"
 
 
 @functools.cache
+def _schemas() -> dict[str, dict[str, Any]]:
+    return {kind: json.loads((schema_dir() / f"{kind}.schema.json").read_text()) for kind in KINDS}
+
+
+@functools.cache
 def _registry() -> Registry:
-    resources = []
-    for kind in KINDS:
-        contents = json.loads((schema_dir() / f"{kind}.schema.json").read_text())
-        resources.append((contents["$id"], Resource.from_contents(contents)))
-    return Registry().with_resources(resources)
+    from referencing import Registry, Resource  # imported when first needed: 70 ms at every start otherwise
+    return Registry().with_resources((c["$id"], Resource.from_contents(c)) for c in _schemas().values())
 
 
 @functools.cache
 def validator(kind: str) -> Draft202012Validator:
+    """jsonschema's validator for a kind: slower than the compiled check, but its errors say where and what."""
+    from jsonschema import Draft202012Validator
     contents = _registry().get_or_retrieve(SCHEMA_URL.format(kind=kind)).value.contents
     return Draft202012Validator(contents, registry=_registry())
 
 
+@functools.cache
+def _fast(kind: str) -> Callable[[Any], bool] | None:
+    """A compiled is_valid for a kind, or None without jsonschema_rs."""
+    if jsonschema_rs is None:
+        return None
+    try:
+        registry = jsonschema_rs.Registry([(c["$id"], c) for c in _schemas().values()])
+        return jsonschema_rs.Draft202012Validator(_schemas()[kind], registry=registry).is_valid
+    except Exception:  # an incompatible version: jsonschema alone still gives the right answer
+        return None
+
+
+def _valid(kind: str, data: Any) -> bool:
+    is_valid = _fast(kind)
+    if is_valid is None:
+        return False
+    try:
+        return bool(is_valid(data))
+    except Exception:  # a value it cannot take (an int too large for it): let jsonschema decide
+        return False
+
+
 def _message(error: Any) -> str:
-    where = ".".join(str(p) for p in error.absolute_path)
+    where = shorten(".".join(str(p) for p in error.absolute_path))
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties are not allowed", "unknown key")
     if error.validator == "required":
@@ -41,14 +80,24 @@ def _message(error: Any) -> str:
         return f"'{where or 'document'}' is empty"
     prefix = f"{where}: " if where else ""
     if error.validator == "pattern":
-        return f"{prefix}{error.instance!r} is not allowed here (letters, digits, '_', '.', '-'; starting with a letter or digit)"
-    return prefix + error.message
+        return f"{prefix}{_quoted(error.instance)} is not allowed here (letters, digits, '_', '.', '-'; starting with a letter or digit)"
+    return prefix + error.message.replace(repr(error.instance), _quoted(error.instance), 1)
+
+
+def _quoted(value: Any) -> str:
+    """A value as jsonschema quotes it (its repr), shortened when long."""
+    text = repr(value)
+    if len(text) <= 60:
+        return text
+    return f"'{shorten(value)}'" if isinstance(value, str) else shorten(text)
 
 
 def check(document: Document, kind: str) -> list[Problem]:
     """Every schema error of a document, each at the line of the value it concerns."""
     if document.data is None:
         return [document.problem((), "the file is empty (expected a mapping of keys)")]
+    if _valid(kind, document.data):
+        return []
     problems = []
     for error in validator(kind).iter_errors(document.data):
         path = tuple(error.absolute_path)
@@ -57,7 +106,7 @@ def check(document: Document, kind: str) -> list[Problem]:
             for key in error.instance:
                 if key not in allowed:
                     known = ", ".join(allowed) if allowed else "none"
-                    problems.append(document.problem(path + (key,), f"unknown key '{key}' (allowed: {known})"))
+                    problems.append(document.problem(path + (key,), f"unknown key '{shorten(key)}' (allowed: {known})"))
             continue
         problems.append(document.problem(path, _message(error)))
     return sorted(set(problems))

@@ -33,38 +33,74 @@ class DirectoryTree:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._base = os.fspath(self.root)
 
     def entries(self) -> dict[str, str]:
         found: dict[str, str] = {}
         config = self.root / CONFIG
         if config.is_file():
-            found[CONFIG] = _stamp(config)
+            found[CONFIG] = _stamp(os.lstat(config))
         for top in ("pipelines", "projects"):
-            base = self.root / top
-            for dirpath, dirnames, filenames in os.walk(base):
-                depth = len(Path(dirpath).relative_to(self.root).parts)
-                # Logs are plain text: projects/<id>/logs is never YAML to check.
-                dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (depth == 2 and d == "logs")]
-                for filename in filenames:
-                    if filename.endswith((".yaml", ".yml")):
-                        full = Path(dirpath) / filename
-                        found[full.relative_to(self.root).as_posix()] = _stamp(full)
+            folders = [(top, 1)]
+            while folders:  # top-down, like os.walk, without following links into folders
+                folder, depth = folders.pop()
+                try:
+                    listing = list(os.scandir(os.path.join(self._base, folder)))
+                except OSError:
+                    continue
+                below = []
+                for entry in listing:
+                    name = entry.name
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    if is_dir:
+                        # Logs are plain text: projects/<id>/logs is never YAML to check.
+                        if not entry.is_symlink() and not name.startswith(".") and not (depth == 2 and name == "logs"):
+                            below.append((f"{folder}/{name}", depth + 1))
+                    elif name.endswith((".yaml", ".yml")):
+                        found[f"{folder}/{name}"] = _stamp(entry.stat(follow_symlinks=False))
+                folders.extend(reversed(below))
         return found
 
     def read(self, path: str) -> bytes:
         """A regular file's bytes; never follows a link out, never blocks on a FIFO, never reads a huge file whole."""
-        full = self.root / path
+        full = os.path.join(self._base, path)
         info = os.lstat(full)
         if stat.S_ISLNK(info.st_mode):
             raise OSError(f"{path} is a symbolic link; state repo files must be regular files")
         if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path} is not a regular file")
-        with open(full, "rb") as handle:
-            return handle.read(MAX_FILE_BYTES + 1)
+        # Swapped for a link or a FIFO since the lstat, it still cannot lead out (O_NOFOLLOW) or hang (O_NONBLOCK).
+        fd = os.open(full, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(f"{path} is not a regular file")
+            return _read_at_most(fd, MAX_FILE_BYTES + 1, info.st_size)
+        finally:
+            os.close(fd)
 
 
-def _stamp(path: Path) -> str:
-    info = os.lstat(path)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _read_at_most(fd: int, limit: int, size: int) -> bytes:
+    """Up to `limit` bytes, asking for the size the file has (a buffer of `limit` for every file is slow)."""
+    chunks = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, max(size + 1, 64 * 1024)))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _stamp(info: os.stat_result) -> str:
     return f"{info.st_mtime_ns}:{info.st_size}:{info.st_mode}"
 
 
@@ -138,6 +174,7 @@ class StateReader:
             parsed = self._parse(tree, CONFIG, entries[CONFIG], "winslow", read_config)
             problems += parsed.problems
             config = parsed.value or config
+        problems += _misplaced(entries)
         pipelines, pipeline_problems = self._pipelines(tree, entries)
         for found in pipeline_problems.values():
             problems += found
@@ -217,6 +254,23 @@ class StateReader:
             hit = read_project(doc, project_id, pipelines, lock, lock_request)
             self._meaning[key] = hit
         return hit
+
+
+def _misplaced(entries: Iterable[str]) -> list[Problem]:
+    """YAML files where Winslow never looks: without a word they would seem to be read and fine."""
+    problems = []
+    for path in entries:
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        name = path.rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0]
+        if path.startswith("pipelines/") and path.count("/") > 1:
+            problems.append(Problem(path, 1, 1, f"not read: pipelines are read only from files directly in "
+                                                f"pipelines/ (move it to pipelines/{name})"))
+        elif path.startswith("projects/") and path.count("/") == 1:
+            problems.append(Problem(path, 1, 1, f"not read: a project is a folder with a project.yaml "
+                                                f"(move it to projects/{stem}/project.yaml)"))
+    return problems
 
 
 def _group_projects(entries: Iterable[str]) -> dict[str, list[str]]:

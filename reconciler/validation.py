@@ -13,7 +13,7 @@ from reconciler.errors import Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
 from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
-from reconciler.yamlsafe import Document
+from reconciler.yamlsafe import Document, shorten
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -32,20 +32,23 @@ def escapes(path: str) -> bool:
     return normal == ".." or normal.startswith("../")
 
 
-def _units(doc: Document, data: Mapping[str, Any], base: tuple[object, ...], sizes: tuple[str, ...], durations: tuple[str, ...]) -> list[Problem]:
-    problems = []
-    for key in sizes:
-        if key in data:
+def _units(doc: Document, data: Any, base: tuple[object, ...], sizes: tuple[str, ...], durations: tuple[str, ...]) -> list[Problem]:
+    """Sizes and durations that do not parse; values of a type the schema refuses are the schema's to report."""
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        return problems
+    for keys, parse, types in ((sizes, parse_size, (str, int)), (durations, parse_duration, (str, int, float))):
+        for key in keys:
+            value = data.get(key)
+            if not isinstance(value, types) or isinstance(value, bool):
+                continue
             try:
-                parse_size(data[key])
+                parse(value)
             except ValueError as exc:
-                problems.append(doc.problem(base + (key,), str(exc)))
-    for key in durations:
-        if key in data:
-            try:
-                parse_duration(data[key])
-            except ValueError as exc:
-                problems.append(doc.problem(base + (key,), str(exc)))
+                message = str(exc)
+                if isinstance(value, str) and len(value) > 60:
+                    message = message.replace(value, shorten(value), 1)
+                problems.append(doc.problem(base + (key,), message))
     return problems
 
 
@@ -58,7 +61,7 @@ def read_config(doc: Document) -> tuple[ClusterConfig | None, list[Problem]]:
     problems += _units(doc, data.get("logs", {}), ("logs",), ("head", "tail", "live_tail"), ())
     root = data.get("storage", {}).get("root")
     if root is not None and not root.startswith("/"):
-        problems.append(doc.problem(("storage", "root"), f"storage root '{root}' must be an absolute path"))
+        problems.append(doc.problem(("storage", "root"), f"storage root '{shorten(root)}' must be an absolute path"))
     return (None, problems) if problems else (ClusterConfig.from_dict(data), [])
 
 
@@ -71,34 +74,51 @@ def _mount_escapes(value: str) -> bool:
 
 
 def read_pipeline(doc: Document, stem: str) -> tuple[Pipeline | None, list[Problem]]:
+    """A pipeline file; its meaning is checked even when the schema found errors, so one run reports them all."""
     problems = check(doc, "pipeline")
-    if problems:
-        return None, problems
-    data = doc.data
-    if data["name"] != stem:
-        problems.append(doc.problem(("name",), f"pipeline name '{data['name']}' must match its file name '{stem}'"))
-    problems += _pipeline_meaning(doc, data, ())
-    return (None, problems) if problems else (Pipeline.from_dict(data), [])
+    data = doc.data if isinstance(doc.data, dict) else {}
+    meaning = []
+    name = data.get("name")
+    if isinstance(name, str) and name != stem:
+        meaning.append(doc.problem(("name",), f"pipeline name '{shorten(name)}' must match its file name '{stem}'"))
+    meaning += _pipeline_meaning(doc, data, ())
+    problems += _not_at(meaning, problems)
+    return (None, sorted(set(problems))) if problems else (Pipeline.from_dict(data), [])
+
+
+def _not_at(meaning: list[Problem], schema: list[Problem]) -> list[Problem]:
+    """Meaning problems at a place the schema has not already reported: one error per value."""
+    taken = {(p.line, p.column) for p in schema}
+    return [p for p in meaning if (p.line, p.column) not in taken]
 
 
 def _pipeline_meaning(doc: Document, data: Mapping[str, Any], base: tuple[object, ...]) -> list[Problem]:
-    """What a pipeline's schema cannot say, for a pipeline file or one locked inside pipeline.lock.yaml."""
+    """What a pipeline's schema cannot say, for a pipeline file or one locked inside pipeline.lock.yaml.
+
+    Safe on a pipeline the schema refused: whatever has the wrong type is skipped.
+    """
     problems = []
     seen: dict[str, int] = {}
-    for i, stage in enumerate(data["stages"]):
+    stages = data.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else ()):
+        if not isinstance(stage, dict):
+            continue
         at = base + ("stages", i)
-        name = stage["name"]
-        if name in seen:
-            problems.append(doc.problem(at + ("name",), f"duplicate stage name '{name}' (also stage {seen[name] + 1})"))
-        seen.setdefault(name, i)
-        problems += _units(doc, stage.get("resources", {}), at + ("resources",), ("memory",), ())
+        name = stage.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(doc.problem(at + ("name",), f"duplicate stage name '{shorten(name)}' (also stage {seen[name] + 1})"))
+            seen.setdefault(name, i)
+        problems += _units(doc, stage.get("resources"), at + ("resources",), ("memory",), ())
         problems += _units(doc, stage, at, (), ("timeout", "gate_timeout"))
-        for j, arg in enumerate(stage["command"]):
-            if _mount_escapes(arg):
-                problems.append(doc.problem(at + ("command", j), f"path '{arg}' leaves its mount"))
-        for key, value in stage.get("env", {}).items():
+        command = stage.get("command")
+        for j, arg in enumerate(command if isinstance(command, list) else ()):
+            if isinstance(arg, str) and _mount_escapes(arg):
+                problems.append(doc.problem(at + ("command", j), f"path '{shorten(arg)}' leaves its mount"))
+        env = stage.get("env")
+        for key, value in (env.items() if isinstance(env, dict) else ()):
             if isinstance(value, str) and _mount_escapes(value):
-                problems.append(doc.problem(at + ("env", key), f"path '{value}' leaves its mount"))
+                problems.append(doc.problem(at + ("env", key), f"path '{shorten(value)}' leaves its mount"))
     return problems
 
 
@@ -107,7 +127,7 @@ def _stage_range(doc: Document, run: Mapping[str, Any], pipeline: Pipeline) -> l
     names = pipeline.stage_names
     for key in ("from", "until"):
         if key in run and isinstance(run[key], str) and run[key] not in names:
-            problems.append(doc.problem(("run", key), f"'{key}: {run[key]}' names no stage of pipeline '{pipeline.name}' (stages: {', '.join(names)})"))
+            problems.append(doc.problem(("run", key), f"'{key}: {shorten(run[key])}' names no stage of pipeline '{pipeline.name}' (stages: {', '.join(names)})"))
     if not problems and run.get("from") in names and run.get("until") in names \
             and names.index(run["until"]) < names.index(run["from"]):
         problems.append(doc.problem(("run", "until"), f"'until: {run['until']}' comes before 'from: {run['from']}' in pipeline '{pipeline.name}'"))
@@ -124,7 +144,7 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     """
     problems = []
     if not is_safe_id(project_id):
-        problems.append(doc.problem((), f"project folder '{project_id}' is not a safe name (letters, digits, '_', '.', '-'; at most 64)"))
+        problems.append(doc.problem((), f"project folder '{shorten(project_id)}' is not a safe name (letters, digits, '_', '.', '-'; at most 64)"))
     problems += check(doc, "project")
     data = doc.data if isinstance(doc.data, dict) else {}
     run = data.get("run") if isinstance(data.get("run"), dict) else {}
@@ -140,13 +160,13 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
                 problems.append(doc.problem(("pipeline",), f"pipeline '{name}' is invalid (see pipelines/{name}.yaml)"))
             else:
                 known = ", ".join(sorted(pipelines)) or "none"
-                problems.append(doc.problem(("pipeline",), f"pipeline '{name}' does not exist (known: {known})"))
+                problems.append(doc.problem(("pipeline",), f"pipeline '{shorten(name)}' does not exist (known: {known})"))
         else:
             problems += _stage_range(doc, run, pipeline)
             problems += _substituted_paths(doc, pipeline, env)
     for key, value in env.items():
         if isinstance(value, str) and _mount_escapes(value):
-            problems.append(doc.problem(("env", key), f"path '{value}' leaves its mount"))
+            problems.append(doc.problem(("env", key), f"path '{shorten(value)}' leaves its mount"))
     return (None, sorted(set(problems))) if problems else (Project.from_dict(project_id, data), [])
 
 
@@ -157,11 +177,15 @@ def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]
     for stage in pipeline.stages:
         values = {**pipeline.env, **stage.env, **text}
         for arg in stage.command:
+            if "${" not in arg:
+                continue
             mine = [name for name in _VAR.findall(arg) if name in text]
+            if not mine:
+                continue
             filled = _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
-            if mine and _mount_escapes(filled):
-                what = ", ".join(f"{name}={text[name]!r}" for name in mine)
-                problems.append(doc.problem(("env", mine[0]), f"{what} makes '{arg}' in stage '{stage.name}' leave its mount"))
+            if _mount_escapes(filled):
+                what = ", ".join(f"{name}='{shorten(text[name])}'" for name in mine)
+                problems.append(doc.problem(("env", mine[0]), f"{what} makes '{shorten(arg)}' in stage '{stage.name}' leave its mount"))
     return problems
 
 
@@ -172,25 +196,26 @@ def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Pro
     for i, run in enumerate(doc.data.get("runs", [])):
         expected = Run.make_id(run["request"], run["stage"], run["attempt"])
         if run["id"] != expected:
-            problems.append(doc.problem(("runs", i, "id"), f"run id '{run['id']}' does not match its request, stage and attempt ('{expected}')"))
+            problems.append(doc.problem(("runs", i, "id"), f"run id '{shorten(run['id'])}' does not match its request, stage and attempt ('{shorten(expected)}')"))
         for key in ("log", "result"):
             if run.get(key) and escapes(run[key]):
-                problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' leaves the state repo"))
+                problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' leaves the state repo"))
         for key in ("workspace", "input"):
             if run.get(key) and (escapes(run[key])
                                  or not posixpath.normpath(run[key]).startswith(f"workspaces/{project_id}/")):
-                problems.append(doc.problem(("runs", i, key), f"path '{run[key]}' is not inside workspaces/{project_id}/"))
+                problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' is not inside workspaces/{project_id}/"))
     return (None, problems) if problems else (Status.from_dict(doc.data), [])
 
 
 def read_lock(doc: Document) -> tuple[tuple[int, Pipeline] | None, list[Problem]]:
     problems = check(doc, "pipeline-lock")
+    data = doc.data if isinstance(doc.data, dict) else {}
+    pipeline = data.get("pipeline")
+    if isinstance(pipeline, dict):
+        problems += _not_at(_pipeline_meaning(doc, pipeline, ("pipeline",)), problems)
     if problems:
-        return None, problems
-    problems = _pipeline_meaning(doc, doc.data["pipeline"], ("pipeline",))
-    if problems:
-        return None, problems
-    return (int(doc.data["request"]), Pipeline.from_dict(doc.data["pipeline"])), []
+        return None, sorted(set(problems))
+    return (int(data["request"]), Pipeline.from_dict(pipeline)), []
 
 
 def read_result(doc: Document, project_id: str) -> list[Problem]:
@@ -199,8 +224,8 @@ def read_result(doc: Document, project_id: str) -> list[Problem]:
         return problems
     workspace = doc.data.get("workspace")
     if workspace and (escapes(workspace) or not posixpath.normpath(workspace).startswith(f"workspaces/{project_id}/")):
-        problems.append(doc.problem(("workspace",), f"path '{workspace}' is not inside workspaces/{project_id}/"))
+        problems.append(doc.problem(("workspace",), f"path '{shorten(workspace)}' is not inside workspaces/{project_id}/"))
     for i, entry in enumerate(doc.data["files"]):
         if escapes(entry["path"]):
-            problems.append(doc.problem(("files", i, "path"), f"path '{entry['path']}' leaves the workspace"))
+            problems.append(doc.problem(("files", i, "path"), f"path '{shorten(entry['path'])}' leaves the workspace"))
     return problems

@@ -15,6 +15,7 @@ against MAX_VALUES) what it expands into, exactly as if it were written out.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -41,10 +42,18 @@ _WILDCARD = tuple(_Loader.yaml_implicit_resolvers.get(None, []))
 _IMPLICIT: dict[str, tuple[tuple[str, re.Pattern[str]], ...]] = {
     first: tuple(resolvers) + _WILDCARD for first, resolvers in _Loader.yaml_implicit_resolvers.items() if first is not None}
 
-# What a frame of the builder is filling in.
-_MAP, _SEQ, _MERGE_MAP, _MERGE_LIST, _MUTED = range(5)
+# What a frame of the builder is filling in; the two kinds of mapping first (`kind <= _MERGE_MAP`).
+_MAP, _MERGE_MAP, _SEQ, _MERGE_LIST, _MUTED = range(5)
 # A mapping frame's `key` when it waits for a key, or when the coming value is skipped or merged.
 _NO_KEY, _SKIP, _MERGE = object(), object(), object()
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """A user's value as an error message quotes it: on one line, and cut with '...' when long."""
+    text = str(value)
+    if not text.isprintable():
+        text = repr(text)[1:-1]  # a newline or control character would break the one-line report
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass
@@ -79,14 +88,16 @@ _COMPOSE, _SECOND_DOCUMENT, _TOO_BIG = 0, 1, 2  # ranks: lower wins, as PyYAML's
 
 
 class _Frame:
+    """A mapping or sequence being built: its value so far, its path, and (for a mapping) the key in hand."""
+
     __slots__ = ("kind", "value", "path", "key", "key_path", "seen", "anchor", "defines", "into")
 
     def __init__(self, kind: int, value: Any, path: JsonPath, anchor: str | None, into: Any = None) -> None:
         self.kind, self.value, self.path, self.anchor, self.into = kind, value, path, anchor, into
         self.key: object = _NO_KEY
         self.key_path: JsonPath = path
-        self.seen: dict[str, int] = {}
-        self.defines = False
+        self.seen: dict[str, int] = {}  # key -> line, for the duplicate key message
+        self.defines = False  # its anchor is defined here (not replayed): its events are being recorded
 
 
 def _resolve(value: str) -> str:
@@ -94,6 +105,41 @@ def _resolve(value: str) -> str:
         if regexp.match(value):
             return tag
     return _STR
+
+
+@functools.lru_cache(maxsize=8192)
+def _plain(value: str) -> tuple[Any, str | None]:
+    """A plain (unquoted, untagged) scalar's value, or the problem it has; the same few recur in every file."""
+    tag = _resolve(value)
+    if tag == _STR:
+        return value, None
+    if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
+        try:
+            return int(value), None
+        except ValueError:
+            pass  # over Python's digit limit: the constructor says so below
+    return _construct(tag, value, None)
+
+
+def _construct(tag: str, value: str, mark: Any) -> tuple[Any, str | None]:
+    constructor = yaml.constructor.SafeConstructor()
+    node = yaml.ScalarNode(tag, value, mark, mark)
+    try:
+        if tag in _PLAIN_TAGS:
+            built = constructor.yaml_constructors[tag](constructor, node)
+        else:  # an explicit tag: `!!binary`, `!!python/...`, `!foo`; never more than plain data
+            built = constructor.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        return None, f"cannot read value: {getattr(exc, 'problem', exc)}"
+    except Exception as exc:  # a date that is none, an int too long, a tag whose value does not fit it
+        return None, f"cannot read value {value[:40]!r}: {exc}"
+    if isinstance(built, (_dt.datetime, _dt.date)):
+        return built.isoformat(), None
+    if isinstance(built, bytes):
+        return None, "binary values are not allowed"
+    if isinstance(built, float) and built != built:
+        return None, "NaN is not allowed"
+    return built, None
 
 
 def _is_merge_key(event: ScalarEvent) -> bool:
@@ -123,7 +169,6 @@ class _Builder:
         self.log: list[Any] = []  # raw events while an anchor is being defined
         self.recording = 0
         self.replays: list[Iterator[Any]] = []
-        self._constructor: yaml.constructor.SafeConstructor | None = None
 
     # --- the event loop ----------------------------------------------------------------------
 
@@ -156,30 +201,60 @@ class _Builder:
                 if not stack:
                     return self._scalar(event, ())
                 top = stack[-1]
-                if top.kind is _SEQ:
-                    path = top.path + (len(top.value),)
-                    value = self._scalar(event, path)
-                    positions.setdefault(path, (event.start_mark.line + 1, event.start_mark.column + 1))
-                    top.value.append(value)
-                elif top.kind is _MAP or top.kind is _MERGE_MAP:
+                if top.kind <= _MERGE_MAP:
                     key = top.key
                     if key is _NO_KEY:
-                        self._key(top, event, event.start_mark)
-                    elif key is _SKIP:
+                        key = event.value
+                        if event.tag is None and key != "<<" and key not in top.seen:  # the common case of _key
+                            mark = event.start_mark
+                            top.seen[key] = mark.line + 1
+                            top.key = key
+                            top.key_path = path = top.path + (key,)
+                            positions[path] = (mark.line + 1, mark.column + 1)
+                        else:
+                            self._key(top, event, event.start_mark)
+                        continue
+                    if key is _SKIP or key is _MERGE:
+                        if key is _MERGE:
+                            self._problem(event.start_mark, "'<<' merges only mappings")
                         top.key = _NO_KEY
-                    elif key is _MERGE:
+                        continue
+                    path = top.key_path
+                    top.key = _NO_KEY
+                elif top.kind is _SEQ:
+                    path = top.path + (len(top.value),)
+                    mark = event.start_mark
+                    positions.setdefault(path, (mark.line + 1, mark.column + 1))
+                else:
+                    if top.kind is _MERGE_LIST:
                         self._problem(event.start_mark, "'<<' merges only mappings")
-                        top.key = _NO_KEY
-                    else:
-                        top.value[key] = self._scalar(event, top.key_path)
-                        top.key = _NO_KEY
-                elif top.kind is _MERGE_LIST:
-                    self._problem(event.start_mark, "'<<' merges only mappings")
+                    continue
+                self.values += 1
+                if self.values > MAX_VALUES or not raw:
+                    self._count(path, counted=True)
+                value = event.value
+                if event.tag is not None or (event.implicit[0] and (value[:1] in _IMPLICIT or _WILDCARD)):
+                    value = self._value(event)
+                if top.kind is _SEQ:
+                    top.value.append(value)
+                else:
+                    top.value[key] = value
             elif kind is MappingStartEvent or kind is SequenceStartEvent:
                 if raw:
                     self.depth += 1
                     if self.depth > MAX_DEPTH:
                         raise self._too_deep(event.start_mark)
+                top = stack[-1] if stack else None
+                if top is not None and event.anchor is None and (top.kind is _SEQ or (top.kind <= _MERGE_MAP and top.key.__class__ is str)):
+                    # the common case of _open: a plain value in a mapping or list
+                    path = top.key_path if top.kind <= _MERGE_MAP else top.path + (len(top.value),)
+                    self.values += 1
+                    if self.values > MAX_VALUES or not raw:
+                        self._count(path, counted=True)
+                    mark = event.start_mark
+                    positions.setdefault(path, (mark.line + 1, mark.column + 1))
+                    stack.append(_Frame(_MAP, {}, path, None) if kind is MappingStartEvent else _Frame(_SEQ, [], path, None))
+                    continue
                 frame = self._open(stack, event, kind is MappingStartEvent)
                 if raw and event.anchor is not None:
                     self._define(event, frame)
@@ -202,7 +277,14 @@ class _Builder:
                 value = frame.value if frame.kind is _MAP or frame.kind is _SEQ else _SKIP
                 if not stack:
                     return value
-                self._give(stack[-1], value)
+                top = stack[-1]
+                if top.kind is _SEQ:
+                    top.value.append(value)
+                elif top.kind is _MAP and top.key.__class__ is str and value is not _SKIP:
+                    top.value[top.key] = value
+                    top.key = _NO_KEY
+                else:
+                    self._give(top, value)
             elif kind is AliasEvent:
                 if not stack:
                     found = self._alias(None, event, raw)
@@ -265,8 +347,9 @@ class _Builder:
             self._problem(event.start_mark, "'<<' merges only mappings")
         return _Frame(_MUTED, None, path, anchor)
 
-    def _count(self, path: JsonPath) -> None:
-        self.values += 1
+    def _count(self, path: JsonPath, counted: bool = False) -> None:
+        if not counted:
+            self.values += 1
         if self.values > MAX_VALUES:
             raise _Fatal(self.root_mark, f"more than {MAX_VALUES} values (an alias bomb?)", _TOO_BIG)
         if len(path) > MAX_DEPTH:  # only an alias can go deeper than the events do
@@ -285,13 +368,13 @@ class _Builder:
             self.recording += 1
 
     def _key(self, frame: _Frame, event: ScalarEvent, mark: Any) -> None:
-        if _is_merge_key(event):
+        if (event.value == "<<" or event.tag is not None) and _is_merge_key(event):
             frame.key = _MERGE
             return
         key = event.value  # as written: `on:` and `NO:` are names here, not YAML 1.1 booleans
         seen = frame.seen
         if key in seen:
-            self._problem(mark, f"duplicate key '{key}' (first defined on line {seen[key]})")
+            self._problem(mark, f"duplicate key '{shorten(key)}' (first defined on line {seen[key]})")
             frame.key = _SKIP
             return
         seen[key] = mark.line + 1
@@ -340,44 +423,21 @@ class _Builder:
         if self.root_mark is None:
             self.root_mark = event.start_mark
             self.positions[path] = _mark(event.start_mark)
+        return self._value(event)
+
+    def _value(self, event: ScalarEvent) -> Any:
         value, tag = event.value, event.tag
         if tag is None or tag == "!":
-            if not event.implicit[0]:
+            if not event.implicit[0] or (value[:1] not in _IMPLICIT and not _WILDCARD):
                 return value
-            tag = _resolve(value)
-        if tag == _STR:
+            built, problem = _plain(value) if len(value) <= 64 else _plain.__wrapped__(value)
+        elif tag == _STR:
             return value
-        if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
-            try:
-                return int(value)
-            except ValueError:
-                pass  # over Python's digit limit: the constructor says so below
-        return self._construct(event, tag)
-
-    def _construct(self, event: ScalarEvent, tag: str) -> Any:
-        if self._constructor is None:
-            self._constructor = yaml.constructor.SafeConstructor()
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-        try:
-            if tag in _PLAIN_TAGS:
-                value = self._constructor.yaml_constructors[tag](self._constructor, node)
-            else:  # an explicit tag: `!!binary`, `!!python/...`, `!foo`; never more than plain data
-                value = self._constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            self._problem(event.start_mark, f"cannot read value: {getattr(exc, 'problem', exc)}")
-            return None
-        except Exception as exc:  # a date that is none, an int too long, a tag whose value does not fit it
-            self._problem(event.start_mark, f"cannot read value {event.value[:40]!r}: {exc}")
-            return None
-        if isinstance(value, (_dt.datetime, _dt.date)):
-            return value.isoformat()
-        if isinstance(value, bytes):
-            self._problem(event.start_mark, "binary values are not allowed")
-            return None
-        if isinstance(value, float) and value != value:
-            self._problem(event.start_mark, "NaN is not allowed")
-            return None
-        return value
+        else:
+            built, problem = _construct(tag, value, event.start_mark)
+        if problem is not None:
+            self._problem(event.start_mark, problem)
+        return built
 
     # --- after a fatal problem: read on for the errors that come first ------------------------
 
@@ -438,12 +498,12 @@ def _build(text: str, path: str) -> Document:
             fatal = builder.drain_document(exc)
         else:
             parser.get_event()  # DocumentEndEvent
-        if fatal is None or fatal.rank > _COMPOSE:
-            event = parser.get_event()
-            if event.__class__ is DocumentStartEvent:
+        event = parser.get_event()
+        if event.__class__ is DocumentStartEvent:
+            if fatal is None or fatal.rank > _SECOND_DOCUMENT:
                 fatal = _Fatal(event.start_mark, "expected a single document in the stream but found another document",
                                _SECOND_DOCUMENT)
-                builder.drain_stream()
+            builder.drain_stream()
     finally:
         parser.dispose()
     if fatal is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -214,3 +215,46 @@ def test_a_fifo_named_project_yaml_does_not_hang_the_validator(tmp_path):
         pytest.fail("validate did not return within 5 s")
     assert result.returncode == 1
     assert "regular file" in result.stdout, result.stdout
+
+
+def _repo_with_status(root: Path, runs: str) -> Path:
+    """The template plus a status.yaml for its project holding `runs`."""
+    shutil.copytree(TEMPLATE, root)
+    project = next((root / "projects").iterdir())
+    (project / "status.yaml").write_text(f"state: RUNNING\nobserved_request: 1\nruns:\n{runs}")
+    return root
+
+
+def test_a_run_whose_request_and_attempt_are_written_as_floats_keeps_its_integer_id(tmp_path):
+    repo = _repo_with_status(tmp_path / "repo", "  - {id: 1-detect-1, request: 1.0, stage: detect, attempt: 1.0, state: RUNNING}\n")
+    result = winslow("validate", str(repo))
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+
+
+def test_every_problem_is_one_line_even_when_a_value_holds_a_newline(tmp_path):
+    repo = _repo_with_status(tmp_path / "repo", '  - {id: "1-detect-1", request: 1, stage: detect, attempt: 1, state: RUNNING,\n'
+                                               '     log: "../secret\\nprojects/x:1:1: forged"}\n')
+    result = winslow("validate", str(repo))
+    assert result.returncode == 1
+    [line] = result.stdout.splitlines()
+    assert PROBLEM_LINE.match(line) and "leaves the state repo" in line, line
+
+
+def test_validate_gives_the_same_problems_without_the_compiled_schema_check(monkeypatch):
+    """jsonschema_rs only makes valid files faster: without it (ImportError) every answer is the same."""
+    from reconciler import schemas
+    from reconciler.state import DirectoryTree, StateReader
+
+    def problems() -> list[object]:
+        found = []
+        for case in [*_case_names(), "../../state-repo-template"]:
+            found += StateReader(include_results=True).read(DirectoryTree(CASES_DIR / case)).problems
+        return found
+
+    fast = problems()
+    monkeypatch.setattr(schemas, "jsonschema_rs", None)
+    schemas._fast.cache_clear()
+    try:
+        assert problems() == fast
+    finally:
+        schemas._fast.cache_clear()

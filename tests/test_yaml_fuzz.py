@@ -544,3 +544,63 @@ def test_a_bad_byte_after_non_ascii_text_is_located_by_character():
 def test_huge_numbers_are_not_a_crash():
     doc = parse_or_refuse("a: 1.0e+400\nb: -1.0e+400\nc: " + "9" * 4000 + "\n")
     assert doc is not None and doc.data["a"] == math.inf and doc.data["b"] == -math.inf
+
+
+# --- one pass over the parser's events: aliases, depth and the compiled schema check -----------
+
+def test_a_hundred_thousand_unclosed_brackets_are_refused_at_the_first_too_deep():
+    """No composer ever sees them: PyYAML's C composer recursed on such input and crashed the process."""
+    for opener in ("[", "{a: ", "- "):
+        [problem] = refused(opener * 100_000)
+        assert problem.message == f"nested deeper than {MAX_DEPTH} levels"
+
+
+def test_an_alias_is_a_copy_located_where_its_anchor_is_written():
+    doc = parse_yaml("a: &x {k: [1, 2]}\nb: *x\nc: [*x]\n", "x.yaml")
+    assert doc.data["b"] == doc.data["c"][0] == {"k": [1, 2]}
+    assert doc.data["b"] is not doc.data["a"] and doc.data["b"]["k"] is not doc.data["a"]["k"]
+    assert doc.where(("b", "k", 1)) == doc.where(("a", "k", 1)) == (1, 15)
+    assert doc.where(("c", 0)) == (1, 4)
+
+
+def test_the_value_budget_counts_what_aliases_expand_into():
+    items = ", ".join(["1"] * 60_000)
+    assert len(parse_yaml(f"a: &a [{items}]\n", "x.yaml").data["a"]) == 60_000
+    assert "alias bomb" in refused(f"a: &a [{items}]\nb: *a\n")[0].message
+
+
+def test_an_alias_cannot_nest_deeper_than_the_limit_either():
+    half = MAX_DEPTH // 2 + 1
+    problems = refused("a: &d " + "[" * half + "1" + "]" * half + "\nb: " + "[" * half + "*d" + "]" * half + "\n")
+    assert problems[0].message == f"nested deeper than {MAX_DEPTH} levels"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: &x 1\nb: &x 2\n", "invalid YAML: found duplicate anchor; first occurrence second occurrence"),
+    ("a: *nowhere\n", "invalid YAML: found undefined alias"),
+    ("a: &a [1, *a]\nb: *nowhere\n", "invalid YAML: found undefined alias"),
+    ("<<: [1, [2]]\n", "'<<' merges only mappings"),
+    ("? [a]\n: b\n", "a key must be a plain value, not a list or mapping"),
+])
+def test_anchor_and_merge_mistakes_are_named(text, message):
+    assert refused(text)[0].message == message
+
+
+KINDS = {"winslow.yaml": "winslow", "pipelines/tracking.yaml": "pipeline", "projects/ulm-0812/project.yaml": "project",
+         STATUS: "status", LOCK: "pipeline-lock", "projects/ulm-0812/results/1-detect-1.yaml": "result"}
+
+
+@pytest.mark.parametrize("target", _targets())
+def test_the_compiled_schema_check_never_passes_what_jsonschema_refuses(target):
+    """The fast check may refuse more (then jsonschema decides), never less: that would hide an error."""
+    pytest.importorskip("jsonschema_rs")
+    from reconciler import schemas
+    kind = KINDS[target]
+
+    @FEWER
+    @given(edited(target))
+    def check(raw):
+        doc = parse_or_refuse(raw)
+        if doc is not None and doc.data is not None and schemas._valid(kind, doc.data):
+            assert not list(schemas.validator(kind).iter_errors(doc.data)), doc.data
+    check()
