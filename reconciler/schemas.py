@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 try:
     import jsonschema_rs
 except ImportError:  # only slower without it
-    jsonschema_rs = None
+    jsonschema_rs = None  # type: ignore[assignment]
 
 from reconciler.errors import Problem
 from reconciler.resources import schema_dir

@@ -7,11 +7,13 @@ after a commit rereads only the files that commit changed.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from reconciler.errors import InvalidFile, Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Status
@@ -167,6 +169,10 @@ class StateReader:
         return parsed
 
     def read(self, tree: Tree, commit: str | None = None) -> Snapshot:
+        with _collector_paused():
+            return self._read(tree, commit)
+
+    def _read(self, tree: Tree, commit: str | None) -> Snapshot:
         entries = tree.entries()
         problems: list[Problem] = []
         config = ClusterConfig()
@@ -254,6 +260,20 @@ class StateReader:
             hit = read_project(doc, project_id, pipelines, lock, lock_request)
             self._meaning[key] = hit
         return hit
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Reading builds a great many small acyclic objects; the cyclic collector would rescan them again and
+    again (a sixth of `winslow validate` on 10,000 projects). Reference counting still frees them as usual."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _misplaced(entries: Iterable[str]) -> list[Problem]:

@@ -466,7 +466,7 @@ class _Builder:
                         raise _Fatal(event.start_mark, "found duplicate anchor; first occurrence second occurrence", _COMPOSE)
                     self.anchors[event.anchor] = (0, 0, event)
             except _Fatal as found:
-                fatal = found
+                fatal = found.with_traceback(None)  # kept past the except: no cycle through its frames
 
     def drain_stream(self) -> None:
         """Read the rest of the stream after a second document: only syntax errors and depth count there."""
@@ -495,7 +495,7 @@ def _build(text: str, path: str) -> Document:
         try:
             data = builder.document()
         except _Fatal as exc:
-            fatal = builder.drain_document(exc)
+            fatal = builder.drain_document(exc.with_traceback(None))  # kept: no cycle through its frames
         else:
             parser.get_event()  # DocumentEndEvent
         event = parser.get_event()
