@@ -115,7 +115,8 @@ def decide(world: World, me: Me) -> Plan:
         if not entry.exists:
             _stop_local(project_id, status, me, plan, "project deleted")
             if status != entry.status:  # record how its runs ended, so they hold no node's resources
-                plan.statuses[project_id] = replace(status, state=ProjectState.IDLE, message="project deleted")
+                plan.statuses[project_id] = replace(status, state=ProjectState.IDLE, message="project deleted",
+                                                    deleted=status.deleted or world.now)
             continue
         try:
             status, start = _reconcile(entry, status, world, me, plan, first_live)

@@ -11,9 +11,6 @@ and finished runs are compared exactly, so an unexpected action fails the row.
 Defaults: one node `gpu1` (2 GPUs, 16 CPUs, 64 GiB) deciding for itself; project
 `t` on pipeline `cpu`. Node names are chosen so that the first live node (by name)
 is `gpu1`, and `laptop` is a node without GPUs.
-
-A row that shows a bug in reconciler/ is a strict xfail whose reason says what goes
-wrong today; it turns red once the bug is fixed, and the marker should go.
 """
 from __future__ import annotations
 
@@ -89,20 +86,6 @@ def me(case: Case, name: str | None = None, local: Sequence[str] | None = None) 
     return Me(name or case.me, pairs, tuple(case.facts))  # type: ignore[arg-type]
 
 
-def xfail(case: Case, reason: str) -> Any:
-    """A row that once showed a bug; kept with its story, now expected to pass."""
-    return pytest.param(case, id=case.id)
-
-
-FREED_BY_EXIT = ("decide._place counts the runs RUNNING in the snapshot, so a run that ended in this very plan "
-                 "still holds its node's CPUs/GPUs/memory and the next stage cannot be claimed in the same commit")
-MEMORY_EXHAUSTED = ("placement.Slot treats memory <= 0 as 'unknown, unlimited', so a node whose memory has been "
-                    "taken down to exactly 0 fits any further stage")
-NEW_REQUEST_UNPLACEABLE = ("decide._note_unplaceable skips every new request, so the first live node records "
-                           "'starting detect' for a stage no node can run; the wait message comes a commit later")
-LOCKED_UNTIL = ("validation.read_project checks run.from/until against the current pipeline even when the "
-                "request is the locked one, so editing the pipeline makes a running request INVALID")
-
 CASES = [
     # -- starting ---------------------------------------------------------------------------------
     Case(id="request-0-is-idle-and-claims-nothing",
@@ -139,10 +122,10 @@ CASES = [
          runs={"1-a-1": dict(state="SUCCEEDED", exit_code=0, finished=NOW, log="projects/t/logs/1-a-1.log",
                              result="projects/t/results/1-a-1.yaml"),
                "1-b-1": dict(input="workspaces/t/1-a-1", workspace="workspaces/t/1-b-1")}),
-    xfail(Case(id="exit-0-frees-the-node-for-the-next-stage-in-same-plan",
+    Case(id="exit-0-frees-the-node-for-the-next-stage-in-same-plan",
                repo=base() | project(request=1) | status(runs=[run("1-a-1", cpus=1.0)]),
                nodes=[node("gpu1", cpus=1)], facts=[exited("1-a-1", 0)],
-               state="RUNNING", finished=[("1-a-1", "SUCCEEDED")], claims=[claim("1-b-1")]), FREED_BY_EXIT),
+               state="RUNNING", finished=[("1-a-1", "SUCCEEDED")], claims=[claim("1-b-1")]),
     Case(id="last-stage-succeeding-ends-request-succeeded",
          repo=base() | project(request=1)
          | status(runs=[run("1-a-1", "SUCCEEDED"), run("1-b-1", "SUCCEEDED"), run("1-c-1")]),
@@ -307,11 +290,11 @@ CASES = [
          repo=base() | project(pipeline_name="tracking", request=1) | status(lock=TRACKING, runs=[]),
          nodes=[LAPTOP], me="laptop",
          state="RUNNING", message="detect waits for a free node with 1 GPU(s), 4 CPU(s), 8192 MiB"),
-    xfail(Case(id="new-gpu-request-on-node-without-gpus-says-what-it-waits-for",
+    Case(id="new-gpu-request-on-node-without-gpus-says-what-it-waits-for",
                repo=base() | project(pipeline_name="tracking", request=1),
                nodes=[LAPTOP], me="laptop",
                state="RUNNING", observed=1, locks={"t": (1, "detect cleanup analyse")},
-               message="detect waits for a free node with 1 GPU(s)"), NEW_REQUEST_UNPLACEABLE),
+               message="detect waits for a free node with 1 GPU(s)"),
     Case(id="two-gpu-stages-get-gpu-0-and-1-and-a-third-waits",
          repo=base() | project("p1", "tracking", request=1) | project("p2", "tracking", request=1)
          | project("p3", "tracking", request=1),
@@ -358,19 +341,19 @@ CASES = [
          repo=base() | project(request=1) | status(runs=[]), nodes=[GPU1, GPU2, LAPTOP], me="gpu2",
          waited={"t/1-a-1": 6.0},
          state="RUNNING", claims=[claim("1-a-1", "gpu2")]),
-    xfail(Case(id="node-whose-memory-is-used-up-claims-no-more",
+    Case(id="node-whose-memory-is-used-up-claims-no-more",
                repo=base() | project("u1", request=1) | project("u2", request=1) | project("u3", request=1),
                nodes=[node("gpu1", cpus=8, memory=2 * GiB)],
                others={"u1": "RUNNING", "u2": "RUNNING", "u3": "RUNNING"},
                locks={p: (1, "a b c") for p in ("u1", "u2", "u3")},
-               claims=[claim("1-a-1", pid="u1"), claim("1-a-1", pid="u2")]), MEMORY_EXHAUSTED),
-    xfail(Case(id="node-whose-memory-is-held-by-running-runs-claims-no-more",
+               claims=[claim("1-a-1", pid="u1"), claim("1-a-1", pid="u2")]),
+    Case(id="node-whose-memory-is-held-by-running-runs-claims-no-more",
                repo=base() | project(request=1) | status(runs=[], message="starting a")
                | project("u1", request=1) | status("u1", runs=[run("1-a-1", project="u1", memory=GiB)])
                | project("u2", request=1) | status("u2", runs=[run("1-a-1", project="u2", memory=GiB)]),
                nodes=[node("gpu1", cpus=8, memory=2 * GiB)], local=["u1/1-a-1", "u2/1-a-1"],
                state="RUNNING", others={"u1": "RUNNING", "u2": "RUNNING"},
-               message="a waits for a free node with 0 GPU(s), 1 CPU(s), 1024 MiB"), MEMORY_EXHAUSTED),
+               message="a waits for a free node with 0 GPU(s), 1 CPU(s), 1024 MiB"),
 
     # -- env and secrets ---------------------------------------------------------------------------
     Case(id="project-env-wins-over-stage-env-wins-over-pipeline-env",
@@ -410,10 +393,10 @@ CASES = [
          repo=base() | pipeline(CPU_EDITED) | project(request=1) | status(runs=[run("1-a-1")]),
          facts=[exited("1-a-1", 0)],
          state="RUNNING", finished=[("1-a-1", "SUCCEEDED")], claims=[claim("1-b-1")]),
-    xfail(Case(id="pipeline-edited-to-drop-locked-until-stage-keeps-request-valid",
+    Case(id="pipeline-edited-to-drop-locked-until-stage-keeps-request-valid",
                repo=base() | pipeline(CPU_EDITED) | project(request=1, until="c")
                | status(until="c", runs=[run("1-a-1", "SUCCEEDED")]),
-               state="RUNNING", claims=[claim("1-b-1")]), LOCKED_UNTIL),
+               state="RUNNING", claims=[claim("1-b-1")]),
     Case(id="pipeline-deleted-after-request-began-keeps-project-valid",
          repo={k: v for k, v in base().items() if k != "pipelines/cpu.yaml"}
          | project(request=1) | status(runs=[run("1-a-1", "SUCCEEDED")]),
@@ -555,19 +538,6 @@ def test_every_live_node_agrees_who_claims(case: Placement) -> None:
 # -- idempotency: a plan, once on main, leads to no further change ----------------------------------
 
 LATER = "2024-05-01T12:00:05+00:00"  # the next cycle, a few seconds on
-STATUS_CHURN = ("a stage no node can take yet rewrites status every cycle: decide._continue resets the message to "
-                "'starting <stage>', _note_unplaceable sets it back to '<stage> waits for ...', and decide() stamps "
-                "`updated` with the new time, so each cycle commits a status that changed only in `updated`")
-AGAIN_XFAIL = {
-    "exit-0-frees-the-node-for-the-next-stage-in-same-plan": FREED_BY_EXIT,
-    "new-gpu-request-on-node-without-gpus-says-what-it-waits-for": NEW_REQUEST_UNPLACEABLE + "; then " + STATUS_CHURN,
-    "drained-node-still-records-a-new-request": NEW_REQUEST_UNPLACEABLE + "; then " + STATUS_CHURN,
-    "gpu-stage-on-node-without-gpus-waits-and-says-for-what": STATUS_CHURN,
-    "two-gpu-stages-get-gpu-0-and-1-and-a-third-waits": STATUS_CHURN,
-    "gpu-stage-waits-when-every-gpu-is-reserved": STATUS_CHURN,
-    "drained-node-claims-nothing": STATUS_CHURN,
-}
-
 
 def _again_params() -> list[Any]:
     rows = [c if isinstance(c, Case) else c.values[0] for c in CASES]
@@ -609,6 +579,7 @@ def test_a_run_of_a_project_whose_file_was_deleted_is_recorded_as_ended() -> Non
     plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", facts=(exited("1-a-1", 0),)))
     assert [r.state.value for r in plan.statuses["t"].runs] == ["SUCCEEDED"]
     assert plan.statuses["t"].message == "project deleted" and plan.claims == []
+    assert plan.statuses["t"].deleted == NOW
 
 
 def test_a_fenced_node_claims_nothing() -> None:
