@@ -7,19 +7,19 @@ once, the k-th ranked one after k grace periods.
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import logging
 
-from reconciler.journal import Fact
-from reconciler.model import (Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
+from reconciler import layout
+from reconciler.clock import seconds_between
+from reconciler.facts import Fact
+from reconciler.model import (SECRET_MASK, Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
                               RunState, Stage, Status)
 from reconciler.placement import rank, slots
 from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
-from reconciler.secrets import MASK_TEXT as MASK
-from reconciler.state import ProjectEntry, Snapshot
+from reconciler.snapshot import ProjectEntry, Snapshot
 
 log = logging.getLogger("winslow.decide")
 
@@ -101,8 +101,8 @@ def decide(world: World, me: Me) -> Plan:
     for fact in me.facts:
         facts.setdefault(fact.project, []).append(fact)
     startable: list[_Startable] = []
-    unreadable = {p.path.split("/")[1] for p in world.snapshot.problems
-                  if p.path.startswith("projects/") and p.path.endswith(("/status.yaml", "/pipeline.lock.yaml"))}
+    unreadable = {layout.project_of(p.path) for p in world.snapshot.problems
+                  if p.path.endswith(("/" + layout.STATUS_FILE, "/" + layout.LOCK_FILE))} - {None}
     for project_id, entry in world.snapshot.projects.items():
         if project_id in unreadable:
             # Reading it as "never started" would run every stage again: leave it for a person.
@@ -147,9 +147,9 @@ def decide(world: World, me: Me) -> Plan:
 def _stale_branches(world: World) -> list[str]:
     stale = []
     for branch in sorted(world.resume_branches):
-        parts = branch.split("/")
-        entry = world.snapshot.projects.get(parts[1]) if len(parts) == 3 else None
-        if entry is None or not parts[2].isdigit() or entry.status.observed_request > int(parts[2]):
+        named = layout.parse_resume_branch(branch)
+        entry = world.snapshot.projects.get(named[0]) if named else None
+        if named is None or entry is None or named[1] is None or entry.status.observed_request > named[1]:
             stale.append(branch)
     return stale
 
@@ -173,8 +173,8 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], world: Worl
         state = RunState.LOST if fact.lost else RunState.SUCCEEDED if ok else RunState.FAILED
         run = run.with_event(fact.time, message, state=state,
                              finished=fact.time, exit_code=fact.exit_code, reason=fact.reason,
-                             log=f"projects/{project_id}/logs/{run.id}.log",
-                             result=f"projects/{project_id}/results/{run.id}.yaml" if fact.manifest is not None else None)
+                             log=layout.log_file(project_id, run.id),
+                             result=layout.result_file(project_id, run.id) if fact.manifest is not None else None)
         status = status.with_run(run)
         plan.finished.append((project_id, run, fact))
         plan.notes.append(f"{project_id}: {run.stage} -> {run.state.value}")
@@ -303,9 +303,9 @@ def _waiting(entry: ProjectEntry, status: Status, pipeline: Pipeline, here: Stan
     gated = status.runs[-1] if status.runs else None
     since = status.request.waiting_since or world.now
     stage = pipeline.stage(gated.stage) if gated else None
-    if stage and stage.gate_timeout is not None and _seconds_between(since, world.now) > stage.gate_timeout:
+    if stage and stage.gate_timeout is not None and (seconds_between(since, world.now) or 0.0) > stage.gate_timeout:
         return replace(status, state=ProjectState.FAILED, message=f"gate after {stage.name} was not approved in time")
-    branch = f"resume/{entry.id}/{status.request.number}"
+    branch = layout.resume_branch(entry.id, status.request.number)
     if branch not in world.resume_branches:
         plan.resumes.append(Resume(entry.id, status.request.number, here.gate_next))
     message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"
@@ -364,13 +364,13 @@ def _claim(item: _Startable, gpus: tuple[int, ...], world: World, me: Me, plan: 
     before = pipeline.before(item.stage.name)
     source = latest_success(status.runs, before.name) if before else None
     env = {**pipeline.env, **item.stage.env, **status.request.env}
-    recorded = {**env, **{name: MASK for name in item.stage.secrets}}
+    recorded = {**env, **{name: SECRET_MASK for name in item.stage.secrets}}
     request, _, attempt = item.run_id.rpartition("-")
     events = [f"claimed by {me.name}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
     run = Run(id=item.run_id, request=status.request.number, stage=item.stage.name, attempt=int(attempt),
               state=RunState.RUNNING, node=me.name, gpus=gpus, cpus=item.stage.resources.cpus,
               memory=item.stage.resources.memory, claimed=world.now, image=item.stage.image, env=recorded,
-              workspace=f"workspaces/{item.project}/{item.run_id}", input=source.workspace if source else None)
+              workspace=layout.workspace(item.project, item.run_id), input=source.workspace if source else None)
     for message in events:
         run = run.with_event(world.now, message)
     status = replace(status.with_run(run), state=ProjectState.RUNNING,
@@ -379,12 +379,3 @@ def _claim(item: _Startable, gpus: tuple[int, ...], world: World, me: Me, plan: 
     plan.statuses[item.project] = status
     plan.claims.append(Claim(item.project, run, item.stage, env))
     plan.notes.append(f"{item.project}: {item.stage.name} -> RUNNING on {me.name}")
-
-
-def _seconds_between(start: str, end: str) -> float:
-    def parse(text: str) -> _dt.datetime:
-        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    try:
-        return (parse(end) - parse(start)).total_seconds()
-    except ValueError:
-        return 0.0

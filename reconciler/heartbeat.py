@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import psutil
 
-from reconciler.executors.base import utcnow
+from reconciler.clock import utcnow
 
 log = logging.getLogger(__name__)
 

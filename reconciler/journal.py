@@ -9,28 +9,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-
-@dataclass(frozen=True)
-class Fact:
-    """`kind` is 'started' or 'exited'; the rest says what and when."""
-
-    kind: str
-    project: str
-    run_id: str
-    time: str
-    exit_code: int | None = None
-    reason: str | None = None
-    image_digest: str | None = None
-    lost: bool = False  # ended by the node's own failure (fencing), not by the program
-    manifest: dict[str, Any] | None = field(default=None, compare=False)
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.kind, self.project, self.run_id)
+from reconciler.facts import Fact
 
 
 class Journal:

@@ -1,66 +1,42 @@
-"""Which nodes are alive, judged on this node's own monotonic clock.
+"""Which nodes are alive, as this node judges them for its decisions.
 
-A node is alive while its branch keeps changing. No clock synchronisation is
-assumed: only "when did *I* last see that branch move" counts.
+A node is alive while its branch keeps changing, timed on this node's own
+monotonic clock (`RepoView.nodes`): no clock synchronisation is assumed, so a
+branch seen for the first time counts as just moved. A node that holds runs in
+status but has never had a branch is lost once it stayed unseen that long.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Mapping
 
-from reconciler.gitsync import StateRepo
 from reconciler.model import NodeInfo
-from reconciler.state import Snapshot
+from reconciler.repoview import RepoView
+from reconciler.snapshot import Snapshot
 from reconciler.units import format_duration
-from reconciler.yamlsafe import parse_yaml
-
-log = logging.getLogger("winslow.liveness")
 
 
 class Liveness:
     def __init__(self, me: str) -> None:
         self.me = me
-        self._seen: dict[str, tuple[str, float]] = {}      # node -> (branch tip, when it last moved)
-        self._info: dict[str, NodeInfo] = {}
-        self._unknown: dict[str, float] = {}               # node named in status with no branch -> first seen
+        self._unknown: dict[str, float] = {}  # node named in status with no branch -> first seen
 
-    def observe(self, repo: StateRepo, tips: Mapping[str, str], snapshot: Snapshot, mine: NodeInfo,
+    def observe(self, view: RepoView, tips: Mapping[str, str], snapshot: Snapshot, mine: NodeInfo,
                 timeout: float) -> tuple[dict[str, NodeInfo], dict[str, str]]:
         """Live nodes (this one included) and lost ones with why, from the node branches' tips."""
-        now = time.monotonic()
-        for name, sha in tips.items():
-            previous = self._seen.get(name)
-            if previous is None or previous[0] != sha:
-                self._seen[name] = (sha, now)
-                info = self._read(repo, name, sha)
-                if info is not None:
-                    self._info[name] = info
         live = {self.me: mine}
         lost: dict[str, str] = {}
-        for name, (_, moved) in self._seen.items():
+        for name, node in view.nodes(timeout, tips, trust_commit_time=False).items():
             if name == self.me:
                 continue
-            if now - moved < timeout:
-                if name in self._info:
-                    live[name] = self._info[name]
-            else:
-                lost[name] = f"no heartbeat for {format_duration(now - moved)}"
+            if node.lost:
+                lost[name] = f"no heartbeat for {format_duration(node.heard_ago or 0.0)}"
+            elif node.info is not None:
+                live[name] = node.info
+        now = time.monotonic()
         holders = {r.node for e in snapshot.projects.values() for r in e.status.active if r.node}
-        for name in holders - set(self._seen) - {self.me}:
+        for name in holders - set(tips) - {self.me}:
             first = self._unknown.setdefault(name, now)
             if now - first >= timeout:
                 lost[name] = f"no heartbeat branch seen for {format_duration(now - first)}"
         return live, lost
-
-    def _read(self, repo: StateRepo, name: str, sha: str) -> NodeInfo | None:
-        data = repo.read(sha, f"nodes/{name}.yaml")
-        if data is None:
-            return None
-        try:
-            doc = parse_yaml(data, f"nodes/{name}.yaml")
-            return NodeInfo.from_dict(doc.data) if isinstance(doc.data, dict) and "name" in doc.data else None
-        except Exception as exc:  # another node's broken file must not break this node's cycle
-            log.warning("node %s: unreadable heartbeat: %s", name, exc)
-            return None
-

@@ -13,6 +13,7 @@ from reconciler.units import parse_duration, parse_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+SECRET_MASK = "***"  # what a secret's value is replaced with wherever env or logs are recorded
 
 
 class ProjectState(str, enum.Enum):
@@ -385,9 +386,73 @@ class Gpu:
     memory: int = 0
 
 
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _items(value: Any) -> list[Mapping[str, Any]]:
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+@dataclass(frozen=True)
+class GpuLoad:
+    index: int
+    utilization: int | None = None   # percent
+    memory_used: int | None = None   # bytes
+    temperature: int | None = None   # degrees Celsius
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GpuLoad:
+        return cls(_int(data.get("index")) or 0, _int(data.get("utilization")), _int(data.get("memory_used")),
+                   _int(data.get("temperature")))
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """One sample of a node's load, as its heartbeat carries it."""
+
+    time: str | None = None
+    cpu_percent: float | None = None
+    memory_used: int | None = None    # bytes
+    net_rx: int | None = None         # bytes per second, loopback left out
+    net_tx: int | None = None
+    gpus: tuple[GpuLoad, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoadSample:
+        return cls(time=data.get("time") if isinstance(data.get("time"), str) else None,
+                   cpu_percent=_float(data.get("cpu_percent")), memory_used=_int(data.get("memory_used")),
+                   net_rx=_int(data.get("net_rx")), net_tx=_int(data.get("net_tx")),
+                   gpus=tuple(GpuLoad.from_dict(g) for g in _items(data.get("gpus"))))
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    """A run a node has going, with the live tail of its log."""
+
+    project: str
+    run: str
+    stage: str = ""
+    gpus: tuple[int, ...] = ()
+    started: str | None = None
+    log_tail: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NodeRun:
+        return cls(project=str(data.get("project", "")), run=str(data.get("run", "")),
+                   stage=str(data.get("stage") or ""),
+                   gpus=tuple(g for g in (_int(x) for x in data.get("gpus") or ()) if g is not None),
+                   started=data.get("started") if isinstance(data.get("started"), str) else None,
+                   log_tail=str(data.get("log_tail") or ""))
+
+
 @dataclass(frozen=True)
 class NodeInfo:
-    """A node as others see it through its heartbeat branch."""
+    """A node as others see it through its heartbeat branch (`nodes/<node>.yaml`)."""
 
     name: str
     cpus: float = 1.0
@@ -396,16 +461,67 @@ class NodeInfo:
     tags: tuple[str, ...] = ()
     executor: str = "process"
     tick: int = 0
-    running: tuple[str, ...] = ()  # "<project>/<run>" of runs it has going
+    version: str = ""
+    started: str | None = None
+    drain: bool = False
+    load: LoadSample | None = None
+    history: tuple[LoadSample, ...] = field(default=(), compare=False, repr=False)
+    runs: tuple[NodeRun, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def running(self) -> tuple[str, ...]:
+        """`<project>/<run>` of the runs it has going."""
+        return tuple(f"{r.project}/{r.run}" for r in self.runs)
+
+    def run(self, project: str, run_id: str) -> NodeRun | None:
+        return next((r for r in self.runs if r.project == project and r.run == run_id), None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NodeInfo:
-        capacity = data.get("capacity", {})
+        capacity = data.get("capacity") if isinstance(data.get("capacity"), Mapping) else {}
+        load = data.get("load")
         return cls(
             name=data["name"], cpus=float(capacity.get("cpus", 1.0)), memory=int(capacity.get("memory", 0)),
             gpus=tuple(Gpu(int(g.get("index", 0)), g.get("uuid", ""), g.get("model", ""), int(g.get("memory", 0)))
-                       for g in capacity.get("gpus", ())),
+                       for g in _items(capacity.get("gpus"))),
             tags=tuple(data.get("tags", ())), executor=data.get("executor", "process"),
-            tick=int(data.get("tick", 0)),
-            running=tuple(f"{r.get('project')}/{r.get('run')}" for r in data.get("runs", ())),
+            tick=int(data.get("tick", 0)), version=str(data.get("version") or ""),
+            started=data.get("started") if isinstance(data.get("started"), str) else None,
+            drain=bool(data.get("drain", False)),
+            load=LoadSample.from_dict(load) if isinstance(load, Mapping) else None,
+            history=tuple(LoadSample.from_dict(sample) for sample in _items(data.get("history"))),
+            runs=tuple(NodeRun.from_dict(r) for r in _items(data.get("runs"))),
+        )
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ResultManifest:
+    """`projects/<p>/results/<run>.yaml`: every file a run left in its workspace."""
+
+    project: str
+    run: str
+    stage: str = ""
+    node: str = ""
+    created: str | None = None
+    workspace: str = ""
+    total_size: int = 0
+    truncated: bool = False
+    files: tuple[ResultFile, ...] = ()
+    unlisted: tuple[tuple[str, str], ...] = ()  # (path, why it could not be listed)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResultManifest:
+        return cls(
+            project=str(data.get("project", "")), run=str(data.get("run", "")), stage=str(data.get("stage") or ""),
+            node=str(data.get("node") or ""), created=data.get("created"), workspace=str(data.get("workspace") or ""),
+            total_size=int(data.get("total_size", 0)), truncated=bool(data.get("truncated", False)),
+            files=tuple(ResultFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in _items(data.get("files"))),
+            unlisted=tuple((str(u.get("path", "")), str(u.get("reason", ""))) for u in _items(data.get("unlisted"))),
         )

@@ -17,22 +17,24 @@ from typing import Callable
 
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
-from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id, utcnow
-from reconciler.gitsync import MAIN, NODES, StateRepo
+from reconciler.clock import utcnow
+from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
+from reconciler import layout
+from reconciler.gitsync import Mirror
 from reconciler.liveness import Liveness
 from reconciler.pulse import Heartbeat
-from reconciler.journal import Fact, Journal
+from reconciler.facts import Fact
+from reconciler.journal import Journal
 from reconciler.model import ClusterConfig
 from reconciler.report import changes, message
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
-from reconciler.state import StateReader
+from reconciler.repoview import RepoView
 from reconciler.storage import LocalStorage
 from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
-ORIGIN = "refs/remotes/origin/"
 
 
 class _Clock:
@@ -81,11 +83,11 @@ class Node:
         options.work.mkdir(parents=True, exist_ok=True)
         identity = {"GIT_AUTHOR_NAME": f"winslow {self.name}", "GIT_AUTHOR_EMAIL": f"{self.name}@winslow",
                     "GIT_COMMITTER_NAME": f"winslow {self.name}", "GIT_COMMITTER_EMAIL": f"{self.name}@winslow"}
-        self.repo = StateRepo(options.repo, options.work / "state.git", identity)
+        self.repo = Mirror(options.repo, options.work / "state.git", identity)
+        self.view = RepoView(git=self.repo.reader)
         self.storage = LocalStorage(options.storage)
         self.journal = Journal(options.work / "journal.jsonl")
         self.secrets = SecretStore(options.secrets, options.name)
-        self.reader = StateReader()
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo)
@@ -192,22 +194,23 @@ class Node:
     def cycle(self) -> bool:
         """One decide-and-commit pass on the fetched tip; False when the push lost the race."""
         clock = _Clock()
-        refs = self.repo.refs()
-        tip = refs.get(MAIN)
+        refs = self.repo.reader.refs()
+        tip = refs.get(layout.ORIGIN_MAIN)
         if tip is None:
             return True
-        snapshot = self.reader.read(self.repo.tree(tip), tip)
+        snapshot = self.view.snapshot(tip)
         clock.lap("read")
         self.heartbeat.config = self._with_flags(snapshot.config)
-        node_tips = {ref[len(NODES):]: sha for ref, sha in refs.items() if ref.startswith(NODES)}
-        nodes, lost = self.liveness.observe(self.repo, node_tips, snapshot, self.heartbeat.info(),
+        node_tips = {ref[len(layout.ORIGIN_NODES):]: sha for ref, sha in refs.items()
+                     if ref.startswith(layout.ORIGIN_NODES)}
+        nodes, lost = self.liveness.observe(self.view, node_tips, snapshot, self.heartbeat.info(),
                                             self._config().node_timeout)
         alive = frozenset((r.project, r.run_id) for r in self.executor.running())
         facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
         ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
         local = alive - ended
         clock.lap("observe")
-        resumes = frozenset(ref[len(ORIGIN):] for ref in refs if ref.startswith(ORIGIN + "resume/"))
+        resumes = frozenset(ref[len(layout.ORIGIN):] for ref in refs if ref.startswith(layout.ORIGIN_RESUMES))
         world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
         plan = decide(world, Me(self.name, local, facts, may_claim=self.heartbeat.may_claim))
         clock.lap("decide")
@@ -320,7 +323,7 @@ class Node:
         if now - self._last_housekeeping < min(10.0, self._config().cleanup):
             return
         self._last_housekeeping = now
-        snapshot = self.reader.last
+        snapshot = self.view.last
         if snapshot is None or snapshot.commit is None or now - self._fetched > self._config().node_timeout:
             return  # never delete on a stale view of the repo
         known = {pid for pid, entry in snapshot.projects.items() if entry.exists}

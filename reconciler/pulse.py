@@ -17,9 +17,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from reconciler import __version__
+from reconciler import __version__, layout
 from reconciler.errors import GitError
-from reconciler.executors.base import utcnow
+from reconciler.clock import utcnow
 from reconciler.heartbeat import LoadSampler, Nvml, node_document, read_capacity
 from reconciler.model import ClusterConfig, NodeInfo
 from reconciler.storage import read_tail
@@ -98,7 +98,7 @@ class Heartbeat:
     def document(self) -> dict:
         """What others read about this node; it changes only when something changed."""
         node = self.node
-        snapshot = node.reader.last
+        snapshot = node.view.last
         runs = []
         for running in node.executor.running():
             entry = snapshot.projects.get(running.project) if snapshot else None
@@ -123,16 +123,16 @@ class Heartbeat:
         if self._beats_since_sample >= LOAD_EVERY:
             self._load = self.sampler.sample()
             self._beats_since_sample = 0
-        changes = {f"nodes/{name}.tick": f"{self.tick}\n".encode()}
+        changes = {layout.node_tick(name): f"{self.tick}\n".encode()}
         content = dump_yaml(self.document()).encode()
         if content != self._content:
-            changes[f"nodes/{name}.yaml"] = content
+            changes[layout.node_file(name)] = content
         parent = self._parent if self._beats_on_branch < SQUASH_EVERY else None
         if parent is None:  # a fresh branch carries the whole node file
-            changes[f"nodes/{name}.yaml"] = content
+            changes[layout.node_file(name)] = content
         try:
             commit = repo.commit(parent, changes, f"{name}: heartbeat {self.tick}")
-            repo.push([f"+{commit}:refs/heads/winslow/nodes/{name}"], timeout=max(2.0, self.config.lease / 4))
+            repo.push([f"+{commit}:refs/heads/{layout.node_branch(name)}"], timeout=max(2.0, self.config.lease / 4))
         except GitError as exc:
             log.warning("%s: heartbeat not pushed (%s); %.0fs without one", name, exc, time.monotonic() - self._last_ok)
             return

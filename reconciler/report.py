@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from reconciler import layout
 from reconciler.decide import Plan
 from reconciler.model import ClusterConfig, Pipeline, Status
 from reconciler.storage import LocalStorage, capped_log
@@ -17,7 +18,7 @@ def status_file(status: Status) -> bytes:
 
 
 def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
-    data = {"request": request, "source": f"pipelines/{pipeline.name}.yaml", "commit": commit,
+    data = {"request": request, "source": layout.pipeline_file(pipeline.name), "commit": commit,
             "pipeline": dict(pipeline.source)}
     return (SCHEMA_LINE.format(kind="pipeline-lock") + GENERATED + dump_yaml(data)).encode()
 
@@ -26,16 +27,16 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
             mask: Callable[[bytes], bytes] = lambda data: data) -> dict[str, bytes | None]:
     files: dict[str, bytes | None] = {}
     for project, status in plan.statuses.items():
-        files[f"projects/{project}/status.yaml"] = status_file(status)
+        files[layout.status_file(project)] = status_file(status)
     for project, (request, pipeline) in plan.locks.items():
-        files[f"projects/{project}/pipeline.lock.yaml"] = lock_file(request, pipeline, commit)
+        files[layout.lock_file(project)] = lock_file(request, pipeline, commit)
     for project, run, fact in plan.finished:
-        files[f"projects/{project}/logs/{run.id}.log"] = mask(capped_log(storage.log_path(project, run.id),
+        files[layout.log_file(project, run.id)] = mask(capped_log(storage.log_path(project, run.id),
                                                                          config.log_head, config.log_tail))
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}
-            files[f"projects/{project}/results/{run.id}.yaml"] = (SCHEMA_LINE.format(kind="result") + GENERATED
+            files[layout.result_file(project, run.id)] = (SCHEMA_LINE.format(kind="result") + GENERATED
                                                                   + dump_yaml(manifest)).encode()
     return files
 

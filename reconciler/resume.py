@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 
+from reconciler import layout
 from reconciler.decide import Resume
 from reconciler.edit import set_fields
 from reconciler.errors import GitError, WinslowError
-from reconciler.gitsync import StateRepo
+from reconciler.gitsync import Mirror
 
 log = logging.getLogger("winslow.resume")
 
 
-def resume_commit(repo: StateRepo, tip: str, resume: Resume) -> str | None:
-    path = f"projects/{resume.project}/project.yaml"
-    current = repo.read(tip, path)
+def resume_commit(repo: Mirror, tip: str, resume: Resume) -> str | None:
+    path = layout.project_file(resume.project)
+    current = repo.reader.read(tip, path)
     if current is None:
         return None
     text = set_fields(current.decode("utf-8"), ("run",),
@@ -28,14 +29,13 @@ def resume_commit(repo: StateRepo, tip: str, resume: Resume) -> str | None:
     return repo.commit(tip, {path: text.encode("utf-8")}, message)
 
 
-def push_resume(repo: StateRepo, tip: str, resume: Resume) -> None:
-    branch = f"resume/{resume.project}/{resume.request}"
+def push_resume(repo: Mirror, tip: str, resume: Resume) -> None:
+    branch = layout.resume_branch(resume.project, resume.request)
     try:
         commit = resume_commit(repo, tip, resume)
         if commit is None:
             return
-        repo.push([f"{commit}:refs/heads/{branch}"])
-        repo.git("update-ref", f"refs/remotes/origin/{branch}", commit)
+        repo.push_branch(branch, commit)
         log.info("%s: proposed %s", resume.project, branch)
     except GitError as exc:
         log.info("%s: could not push %s (%s); another node may have", resume.project, branch, exc)
@@ -43,12 +43,12 @@ def push_resume(repo: StateRepo, tip: str, resume: Resume) -> None:
         log.warning("%s: cannot prepare %s: %s", resume.project, branch, exc)
 
 
-def prune_branches(repo: StateRepo, branches: list[str]) -> None:
+def prune_branches(repo: Mirror, branches: list[str]) -> None:
     """Delete resume branches of requests that are behind the project: merging one now would go back."""
     try:
         repo.push([f":refs/heads/{branch}" for branch in branches])
         for branch in branches:
-            repo.git("update-ref", "-d", f"refs/remotes/origin/{branch}")
+            repo.git("update-ref", "-d", layout.ORIGIN + branch)
         log.info("deleted stale %s", ", ".join(branches))
     except GitError as exc:
         log.info("could not delete %s (%s)", ", ".join(branches), exc)

@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 from reconciler.errors import ExecutorError
+from reconciler.model import SECRET_MASK
 
-MASK_TEXT = "***"
-MASK = MASK_TEXT.encode()
+MASK = SECRET_MASK.encode()
 MIN_MASKED = 4  # shorter values would mask ordinary words
 
 

@@ -11,16 +11,16 @@ import contextlib
 import gc
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
+from reconciler import layout
 from reconciler.errors import InvalidFile, Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Status
+from reconciler.snapshot import ProjectEntry, Snapshot
 from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
 from reconciler.yamlsafe import MAX_FILE_BYTES, Document, parse_yaml
 
-CONFIG = "winslow.yaml"
 
 
 class Tree(Protocol):
@@ -39,10 +39,10 @@ class DirectoryTree:
 
     def entries(self) -> dict[str, str]:
         found: dict[str, str] = {}
-        config = self.root / CONFIG
+        config = self.root / layout.CONFIG
         if config.is_file():
-            found[CONFIG] = _stamp(os.lstat(config))
-        for top in ("pipelines", "projects"):
+            found[layout.CONFIG] = _stamp(os.lstat(config))
+        for top in (layout.PIPELINES, layout.PROJECTS):
             folders = [(top, 1)]
             while folders:  # top-down, like os.walk, without following links into folders
                 folder, depth = folders.pop()
@@ -59,9 +59,9 @@ class DirectoryTree:
                         is_dir = False
                     if is_dir:
                         # Logs are plain text: projects/<id>/logs is never YAML to check.
-                        if not entry.is_symlink() and not name.startswith(".") and not (depth == 2 and name == "logs"):
+                        if not entry.is_symlink() and not name.startswith(".") and not (depth == 2 and name == layout.LOGS):
                             below.append((f"{folder}/{name}", depth + 1))
-                    elif name.endswith((".yaml", ".yml")):
+                    elif layout.is_state_file(f"{folder}/{name}", results=True):
                         found[f"{folder}/{name}"] = _stamp(entry.stat(follow_symlinks=False))
                 folders.extend(reversed(below))
         return found
@@ -106,34 +106,6 @@ def _stamp(info: os.stat_result) -> str:
     return f"{info.st_mtime_ns}:{info.st_size}:{info.st_mode}"
 
 
-@dataclass(frozen=True)
-class ProjectEntry:
-    """Everything the state repo says about one project folder."""
-
-    id: str
-    project: Project | None
-    status: Status
-    lock: Pipeline | None = None
-    lock_request: int = 0
-    problems: tuple[Problem, ...] = ()
-    exists: bool = True
-
-    @property
-    def invalid(self) -> bool:
-        return bool(self.problems)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    commit: str | None
-    config: ClusterConfig
-    pipelines: Mapping[str, Pipeline | None]
-    projects: Mapping[str, ProjectEntry]
-    problems: tuple[Problem, ...] = ()
-    files: int = 0
-    pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
-
-
 class _Parsed:
     __slots__ = ("value", "problems")
 
@@ -176,8 +148,8 @@ class StateReader:
         entries = tree.entries()
         problems: list[Problem] = []
         config = ClusterConfig()
-        if CONFIG in entries:
-            parsed = self._parse(tree, CONFIG, entries[CONFIG], "winslow", read_config)
+        if layout.CONFIG in entries:
+            parsed = self._parse(tree, layout.CONFIG, entries[layout.CONFIG], "winslow", read_config)
             problems += parsed.problems
             config = parsed.value or config
         problems += _misplaced(entries)
@@ -201,8 +173,8 @@ class StateReader:
     def _pipelines(self, tree: Tree, entries: Mapping[str, str]) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
         pipelines: dict[str, Pipeline | None] = {}
         problems: dict[str, tuple[Problem, ...]] = {}
-        for path in sorted(p for p in entries if p.startswith("pipelines/") and p.count("/") == 1):
-            stem = path[len("pipelines/"):].rsplit(".", 1)[0]
+        for path in sorted(p for p in entries if p.startswith(layout.PIPELINES + "/") and p.count("/") == 1):
+            stem = path[len(layout.PIPELINES) + 1:].rsplit(".", 1)[0]
             if path.endswith(".yml"):
                 problems[stem] = (Problem(path, 1, 1, "pipelines must be named .yaml, not .yml"),)
                 continue
@@ -214,16 +186,16 @@ class StateReader:
 
     def _project(self, tree: Tree, entries: Mapping[str, str], project_id: str, files: list[str],
                  pipelines: Mapping[str, Pipeline | None]) -> tuple[ProjectEntry, list[Problem]]:
-        base = f"projects/{project_id}/"
+        base = layout.project_dir(project_id) + "/"
         problems: list[Problem] = []
         status = Status()
-        status_path = base + "status.yaml"
+        status_path = layout.status_file(project_id)
         if status_path in entries:
             parsed = self._parse(tree, status_path, entries[status_path], "status", lambda doc: read_status(doc, project_id))
             problems += parsed.problems
             status = parsed.value or status
         lock, lock_request = None, 0
-        lock_path = base + "pipeline.lock.yaml"
+        lock_path = layout.lock_file(project_id)
         if lock_path in entries:
             parsed = self._parse(tree, lock_path, entries[lock_path], "pipeline-lock", read_lock)
             problems += parsed.problems
@@ -231,12 +203,12 @@ class StateReader:
                 lock_request, lock = parsed.value
         if self.include_results:
             for path in files:
-                if path.startswith(base + "results/"):
+                if path.startswith(base + layout.RESULTS + "/"):
                     problems += self._parse(tree, path, entries[path], "result",
                                             lambda doc: (None, read_result(doc, project_id))).problems
         if base + "project.yml" in entries:
             problems.append(Problem(base + "project.yml", 1, 1, "a project file must be named project.yaml, not .yml"))
-        project_path = base + "project.yaml"
+        project_path = layout.project_file(project_id)
         if project_path not in entries:
             return ProjectEntry(project_id, None, status, lock, lock_request, (), exists=False), problems
         project, own = self._project_file(tree, entries, project_path, project_id, pipelines, lock, lock_request)
@@ -251,10 +223,10 @@ class StateReader:
             return None, parsed.problems
         doc: Document = parsed.value
         name = doc.data.get("pipeline") if isinstance(doc.data, dict) else None
-        pipeline_key: object = entries.get(f"pipelines/{name}.yaml") if isinstance(name, str) else None
+        pipeline_key: object = entries.get(layout.pipeline_file(name)) if isinstance(name, str) else None
         if pipeline_key is None:
             pipeline_key = tuple(sorted(pipelines))
-        key = (path, entries[path], "project", pipeline_key, entries.get(f"projects/{project_id}/pipeline.lock.yaml"))
+        key = (path, entries[path], "project", pipeline_key, entries.get(layout.lock_file(project_id)))
         hit = self._meaning.get(key)
         if hit is None:
             hit = read_project(doc, project_id, pipelines, lock, lock_request)
@@ -284,10 +256,10 @@ def _misplaced(entries: Iterable[str]) -> list[Problem]:
             continue
         name = path.rsplit("/", 1)[-1]
         stem = name.rsplit(".", 1)[0]
-        if path.startswith("pipelines/") and path.count("/") > 1:
+        if path.startswith(layout.PIPELINES + "/") and path.count("/") > 1:
             problems.append(Problem(path, 1, 1, f"not read: pipelines are read only from files directly in "
                                                 f"pipelines/ (move it to pipelines/{name})"))
-        elif path.startswith("projects/") and path.count("/") == 1:
+        elif path.startswith(layout.PROJECTS + "/") and path.count("/") == 1:
             problems.append(Problem(path, 1, 1, f"not read: a project is a folder with a project.yaml "
                                                 f"(move it to projects/{stem}/project.yaml)"))
     return problems
@@ -297,6 +269,6 @@ def _group_projects(entries: Iterable[str]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for path in entries:
         parts = path.split("/")
-        if len(parts) >= 3 and parts[0] == "projects":
+        if len(parts) >= 3 and parts[0] == layout.PROJECTS:
             grouped.setdefault(parts[1], []).append(path)
     return dict(sorted(grouped.items()))

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler import layout
 from reconciler.errors import StorageError
-from reconciler.validation import escapes
+from reconciler.layout import escapes
 
 MANIFEST_MAX_FILES = 10_000
 _CHUNK = 4 * 1024 * 1024
@@ -30,7 +31,7 @@ class LocalStorage:
         object.__setattr__(self, "root", Path(self.root).resolve())
 
     def prepare(self) -> None:
-        for name in ("resources", "workspaces", "logs"):
+        for name in layout.STORAGE_FOLDERS:
             (self.root / name).mkdir(parents=True, exist_ok=True)
 
     def inside(self, relative: str) -> Path:
@@ -44,22 +45,18 @@ class LocalStorage:
 
     @property
     def resources(self) -> Path:
-        return self.root / "resources"
-
-    @staticmethod
-    def workspace_key(project: str, run_id: str) -> str:
-        return f"workspaces/{project}/{run_id}"
+        return self.root / layout.RESOURCES
 
     def workspace(self, project: str, run_id: str) -> Path:
-        return self.inside(self.workspace_key(project, run_id))
+        return self.inside(layout.workspace(project, run_id))
 
     def log_path(self, project: str, run_id: str) -> Path:
-        return self.inside(f"logs/{project}/{run_id}.log")
+        return self.inside(layout.storage_log(project, run_id))
 
     def remove_project(self, project: str) -> list[Path]:
         """Delete a project's workspaces and logs, and nothing else."""
         removed = []
-        for top in ("workspaces", "logs"):
+        for top in layout.PROJECT_STORAGE:
             target = self.inside(f"{top}/{project}")
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
@@ -68,7 +65,7 @@ class LocalStorage:
 
     def projects_on_disk(self) -> set[str]:
         found = set()
-        for top in ("workspaces", "logs"):
+        for top in layout.PROJECT_STORAGE:
             base = self.root / top
             if base.is_dir():
                 found.update(entry.name for entry in base.iterdir() if entry.is_dir())
@@ -97,7 +94,7 @@ class LocalStorage:
                 size, digest = hash_file(target)
                 files.append({"path": full.relative_to(base).as_posix(), "size": size, "sha256": digest})
                 total += size
-        return {"workspace": self.workspace_key(project, run_id), "total_size": total,
+        return {"workspace": layout.workspace(project, run_id), "total_size": total,
                 "truncated": truncated, "files": files}
 
 

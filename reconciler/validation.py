@@ -10,6 +10,7 @@ import re
 from typing import Any, Mapping
 
 from reconciler.errors import Problem
+from reconciler.layout import escapes, in_workspaces_of, workspace_prefix
 from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
 from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
@@ -22,14 +23,6 @@ MOUNTS = ("/resources", "/input", "/workspace")
 
 def is_safe_id(name: str) -> bool:
     return bool(SAFE_ID.match(name)) and name not in (".", "..")
-
-
-def escapes(path: str) -> bool:
-    """True when a relative path would leave the folder it is relative to."""
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        return True
-    normal = posixpath.normpath(path)
-    return normal == ".." or normal.startswith("../")
 
 
 def _units(doc: Document, data: Any, base: tuple[object, ...], sizes: tuple[str, ...], durations: tuple[str, ...]) -> list[Problem]:
@@ -201,9 +194,9 @@ def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Pro
             if run.get(key) and escapes(run[key]):
                 problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' leaves the state repo"))
         for key in ("workspace", "input"):
-            if run.get(key) and (escapes(run[key])
-                                 or not posixpath.normpath(run[key]).startswith(f"workspaces/{project_id}/")):
-                problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' is not inside workspaces/{project_id}/"))
+            if run.get(key) and not in_workspaces_of(run[key], project_id):
+                problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' is not inside "
+                                                              f"{workspace_prefix(project_id)}"))
     return (None, problems) if problems else (Status.from_dict(doc.data), [])
 
 
@@ -223,8 +216,9 @@ def read_result(doc: Document, project_id: str) -> list[Problem]:
     if problems:
         return problems
     workspace = doc.data.get("workspace")
-    if workspace and (escapes(workspace) or not posixpath.normpath(workspace).startswith(f"workspaces/{project_id}/")):
-        problems.append(doc.problem(("workspace",), f"path '{shorten(workspace)}' is not inside workspaces/{project_id}/"))
+    if workspace and not in_workspaces_of(workspace, project_id):
+        problems.append(doc.problem(("workspace",), f"path '{shorten(workspace)}' is not inside "
+                                                    f"{workspace_prefix(project_id)}"))
     for i, entry in enumerate(doc.data["files"]):
         if escapes(entry["path"]):
             problems.append(doc.problem(("files", i, "path"), f"path '{shorten(entry['path'])}' leaves the workspace"))

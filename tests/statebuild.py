@@ -16,10 +16,11 @@ import hashlib
 from typing import Any, Mapping, Sequence
 
 from reconciler.decide import Plan
-from reconciler.journal import Fact
+from reconciler.facts import Fact
 from reconciler.model import GiB, Gpu, NodeInfo, Pipeline
 from reconciler.report import lock_file, status_file
-from reconciler.state import Snapshot, StateReader
+from reconciler.snapshot import Snapshot
+from reconciler.state import StateReader
 from reconciler.yamlsafe import dump_yaml
 
 Repo = dict[str, str]

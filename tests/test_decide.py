@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import pytest
 
 from reconciler.decide import Me, Plan, Resume, World, decide
-from reconciler.journal import Fact
+from reconciler.facts import Fact
 from reconciler.model import GiB, NodeInfo
 from statebuild import (NOW, T0, TRACKING, Repo, apply, base, exited, node, pipeline, project, run, snapshot, stage,
                         started, status)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reconciler.journal import Fact, Journal
+from reconciler.facts import Fact
+from reconciler.journal import Journal
 
 
 def test_facts_survive_a_restart_until_settled(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.errors import InvalidFile, Problem
-from reconciler.state import DirectoryTree, Snapshot, StateReader
+from reconciler.snapshot import Snapshot
+from reconciler.state import DirectoryTree, StateReader
 from reconciler.yamlsafe import MAX_DEPTH, MAX_FILE_BYTES, Document, parse_yaml
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "state-repo-template"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from reconciler import layout
 from reconciler.commands.clone import MAIN, TRIES, Clone, local_projects, no_project, pull, require_main
 from reconciler.edit import set_env, set_fields
 from reconciler.errors import ConfigError, GitError, InvalidFile, PushRejected
@@ -38,7 +39,7 @@ Plan = Callable[[Mapping[str, Any], Mapping[str, Any], "Pipeline | None"], Chang
 def _load_pipeline(root: Path, name: str) -> Pipeline | None:
     if not is_safe_id(name):
         return None
-    path = f"pipelines/{name}.yaml"
+    path = layout.pipeline_file(name)
     try:
         pipeline, problems = read_pipeline(parse_yaml((root / path).read_bytes(), path), name)
     except (InvalidFile, OSError):
@@ -48,14 +49,14 @@ def _load_pipeline(root: Path, name: str) -> Pipeline | None:
 
 def _validate(root: Path, project: str, text: str) -> None:
     """The checks `winslow validate` makes on project.yaml: schema, pipeline exists, from/until name stages."""
-    path = f"projects/{project}/project.yaml"
+    path = layout.project_file(project)
     doc = parse_yaml(text.encode("utf-8"), path)
-    pipelines: dict[str, Pipeline | None] = {p.stem: None for p in (root / "pipelines").glob("*.yaml")}
+    pipelines: dict[str, Pipeline | None] = {p.stem: None for p in (root / layout.PIPELINES).glob("*.yaml")}
     name = doc.data.get("pipeline") if isinstance(doc.data, dict) else None
     if isinstance(name, str) and name in pipelines:
         pipelines[name] = _load_pipeline(root, name)
     lock, lock_request = None, 0
-    lock_path = root / "projects" / project / "pipeline.lock.yaml"
+    lock_path = root / layout.lock_file(project)
     if lock_path.is_file():
         try:
             locked, _ = read_lock(parse_yaml(lock_path.read_bytes(), str(lock_path)))
@@ -77,7 +78,7 @@ def check_stage(pipeline: Pipeline | None, flag: str, stage: str | None) -> None
 
 def commit_change(clone: Clone, project: str, plan: Plan) -> str | None:
     """Pull, edit, check, commit and push one change; returns the commit message, None when nothing changed."""
-    rel = f"projects/{project}/project.yaml"
+    rel = layout.project_file(project)
     require_main(clone)
     if clone.git("status", "--porcelain", "--", rel).strip():
         raise ConfigError(f"{rel} has uncommitted changes; commit or stash them first")

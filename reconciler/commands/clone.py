@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from reconciler.errors import ConfigError, GitError
+from reconciler.layout import MAIN, MAIN_REFSPEC, NODES_REFSPEC, ORIGIN_MAIN, PROJECT_FILE, PROJECTS, project_file
 from reconciler.gitcmd import IDENTITY, git, git_env, has_identity
+from reconciler.gitread import GitReader
+from reconciler.repoview import RepoView
 from reconciler.validation import is_safe_id
 
-MAIN = "main"
-ORIGIN_MAIN = "refs/remotes/origin/main"
-MAIN_REFSPEC = f"+refs/heads/{MAIN}:{ORIGIN_MAIN}"
-NODES_REFSPEC = "+refs/heads/winslow/nodes/*:refs/remotes/origin/winslow/nodes/*"
 TRIES = 5      # pushes before giving up while origin/main keeps moving
 
 
@@ -49,6 +48,14 @@ class Clone:
         result = subprocess.run(["git", *args], cwd=self.root, capture_output=True, env=dict(self.env))
         return result.stdout if result.returncode == 0 else None
 
+    def view(self) -> RepoView:
+        """The clone's git repository (its origin/main and node branches) through the one read path."""
+        return RepoView(git=GitReader(self.root, self.env))
+
+    def folder_view(self) -> RepoView:
+        """The clone's work tree, as `winslow validate` reads it."""
+        return RepoView(folder=self.root)
+
     def has_ref(self, ref: str) -> bool:
         return self.bytes("rev-parse", "-q", "--verify", ref + "^{commit}") is not None
 
@@ -74,12 +81,12 @@ def no_project(project: str, known: Sequence[str], where: str = "") -> ConfigErr
     names = sorted(known)
     hint = (f"did you mean {', '.join(close)}?" if close else
             f"known: {', '.join(names[:10]) + (', ...' if len(names) > 10 else '') or 'none'}")
-    return ConfigError(f"no project '{project}': projects/{project}/project.yaml does not exist{where} ({hint})")
+    return ConfigError(f"no project '{project}': {project_file(project)} does not exist{where} ({hint})")
 
 
 def local_projects(root: Path) -> list[str]:
-    base = root / "projects"
-    return [p.name for p in base.iterdir() if (p / "project.yaml").is_file()] if base.is_dir() else []
+    base = root / PROJECTS
+    return [p.name for p in base.iterdir() if (p / PROJECT_FILE).is_file()] if base.is_dir() else []
 
 
 def require_main(clone: Clone) -> None:

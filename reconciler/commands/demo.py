@@ -8,18 +8,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from reconciler import layout
 from reconciler.commands.init import init_repo
 from reconciler.errors import ConfigError, WinslowError
 from reconciler.gitcmd import IDENTITY, git, git_env
 from reconciler.model import Status
+from reconciler.wake import RemoteWatcher
 from reconciler.yamlsafe import parse_yaml
 
 PROJECT = "demo-traffic"
 IMAGE = "winslow-demo/python:3"
 PULLABLE = "python:3.12-slim"
+NODE_CHECK_S = 1.0  # the longest the demo waits without checking that its node is still alive
 MARKER = ".winslow-demo"
 PROJECT_YAML = """\
 # yaml-language-server: $schema=https://winslow.dev/schema/project.schema.json
@@ -95,7 +99,7 @@ def prepare(root: Path) -> tuple[Path, Path, Path]:
 def make_video(storage: Path) -> dict:
     from reconciler.demo import vehicles
 
-    target = storage / "resources" / "demo"
+    target = storage / layout.RESOURCES / "demo"
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(vehicles.__file__, target / "vehicles.py")
     video = target / "traffic.y4m"
@@ -106,15 +110,15 @@ def make_video(storage: Path) -> dict:
 
 def push_project(repo: Path) -> None:
     env = git_env(IDENTITY)
-    (repo / "projects" / PROJECT).mkdir(parents=True)
-    (repo / "projects" / PROJECT / "project.yaml").write_text(PROJECT_YAML)
+    (repo / layout.project_dir(PROJECT)).mkdir(parents=True)
+    (repo / layout.project_file(PROJECT)).write_text(PROJECT_YAML)
     git(repo, "add", "-A", env=env)
     git(repo, "commit", "-q", "-m", f"{PROJECT}: a new project on the demo pipeline, request 1", env=env)
     git(repo, "push", "-q", "origin", "main", env=env)
 
 
 def read_status(remote: Path) -> Status:
-    result = subprocess.run(["git", "--git-dir", str(remote), "show", f"main:projects/{PROJECT}/status.yaml"],
+    result = subprocess.run(["git", "--git-dir", str(remote), "show", f"main:{layout.status_file(PROJECT)}"],
                             capture_output=True)
     if result.returncode != 0:
         return Status()
@@ -136,9 +140,20 @@ def approve(repo: Path) -> None:
 
 def follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes], deadline: float) -> Status:
     """Print each change of state and run; approve the gate once; return the final status."""
+    watcher = RemoteWatcher(str(remote), threading.Event(), poll=1.0)
+    watcher.start()
+    try:
+        return _follow(root, repo, remote, node, deadline, watcher.wake)
+    finally:
+        watcher.stop()
+
+
+def _follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes], deadline: float,
+            wake: threading.Event) -> Status:
     seen: set[str] = set()
     approved = False
     while time.monotonic() < deadline:
+        wake.clear()
         if node.poll() is not None:
             raise WinslowError(f"the node stopped (exit {node.returncode}); see {root / 'node.log'}")
         status = read_status(remote)
@@ -159,7 +174,7 @@ def follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes], 
         elif status.state.value in ("SUCCEEDED", "FAILED", "INVALID") and status.runs and not status.active:
             if status.state.value != "SUCCEEDED" or len(status.runs) >= 3:
                 return status
-        time.sleep(0.3)
+        wake.wait(NODE_CHECK_S)  # every push to the remote wakes it; the bound notices a node that died
     raise WinslowError(f"the demo did not finish in time; see {root / 'node.log'}")
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-import time
+import threading
 
-from reconciler.commands.clone import (MAIN_REFSPEC, NODES_REFSPEC, ORIGIN_MAIN, Clone, add_verb, check_name, fetch,
-                                       no_project, open_clone)
+from reconciler import layout
+from reconciler.commands.clone import Clone, add_verb, check_name, fetch, no_project, open_clone
 from reconciler.errors import ConfigError, InvalidFile
+from reconciler.layout import MAIN_REFSPEC, NODES_REFSPEC, ORIGIN_MAIN
 from reconciler.model import Run, RunState, Status
-from reconciler.validation import is_safe_id, read_status
-from reconciler.yamlsafe import parse_yaml
+from reconciler.repoview import RepoView
+from reconciler.validation import is_safe_id
+from reconciler.wake import RemoteWatcher
 
-POLL = 1.0     # seconds between fetches of `logs --follow`
+POLL = 1.0            # seconds between `ls-remote` polls of a remote that cannot be watched
+FOLLOW_WAIT_S = 5.0   # the longest `logs --follow` waits for a wake before fetching anyway
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,38 +34,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="keep printing new output until the run ends, then the rest of its final log")
 
 
-def _read_status(clone: Clone, rev: str, project: str) -> Status:
-    path = f"projects/{project}/status.yaml"
-    raw = clone.bytes("cat-file", "blob", f"{rev}:{path}")
-    if raw is None:
-        if clone.bytes("cat-file", "-e", f"{rev}:projects/{project}/project.yaml") is None:
-            listing = clone.bytes("ls-tree", "--name-only", f"{rev}:projects") or b""
-            raise no_project(project, listing.decode().split(), f" on {rev.removeprefix('refs/remotes/')}")
-        raise ConfigError(f"{project} has no runs yet (no {path} on {rev.removeprefix('refs/remotes/')})")
-    status, problems = read_status(parse_yaml(raw, path), project)
-    if status is None:
-        raise InvalidFile(problems)
-    return status
+def _read_status(view: RepoView, project: str) -> Status:
+    entry, snapshot = view.project(project)
+    where = f" on {ORIGIN_MAIN.removeprefix('refs/remotes/')}" if view.git is not None else " in the work tree"
+    if entry is None or not entry.exists:
+        known = view.project_ids() if view.git is not None else [p for p, e in snapshot.projects.items() if e.exists]
+        raise no_project(project, known, where)
+    unreadable = [p for p in snapshot.problems if p.path == layout.status_file(project)]
+    if unreadable:
+        raise InvalidFile(unreadable)
+    if not entry.status.runs and entry.status.observed_request == 0 and entry.status.updated is None:
+        raise ConfigError(f"{project} has no runs yet (no {layout.status_file(project)}{where})")
+    return entry.status
 
 
-def _final_log(clone: Clone, rev: str, project: str, run: Run) -> str | None:
-    raw = clone.bytes("cat-file", "blob", f"{rev}:{run.log or f'projects/{project}/logs/{run.id}.log'}")
-    return raw.decode("utf-8", "replace") if raw is not None else None
+def _final_log(view: RepoView, project: str, run: Run) -> str | None:
+    if view.git is None:
+        return view.final_log("", project, run.id)
+    commit = view.tip()
+    return view.final_log(commit, project, run.id) if commit else None
 
 
-def _live_tail(clone: Clone, project: str, run: Run) -> str | None:
+def _live_tail(view: RepoView, project: str, run: Run) -> str | None:
     if not run.node or not is_safe_id(run.node):
         return None
-    path = f"nodes/{run.node}.yaml"
-    raw = clone.bytes("cat-file", "blob", f"refs/remotes/origin/winslow/nodes/{run.node}:{path}")
-    try:
-        data = parse_yaml(raw, path).data if raw is not None else None
-    except InvalidFile:
-        return None
-    for entry in (data or {}).get("runs") or []:
-        if isinstance(entry, dict) and entry.get("run") == run.id and entry.get("project", project) == project:
-            return str(entry.get("log_tail") or "")
-    return None
+    tip = view.node_tips().get(run.node)
+    info = view.node(run.node, tip) if tip else None
+    entry = info.run(project, run.id) if info else None
+    return entry.log_tail if entry else None
 
 
 def new_text(shown: str, tail: str) -> str:
@@ -107,30 +106,47 @@ def run_logs(args: argparse.Namespace) -> int:
     check_name(args.project)
     clone = open_clone(args.repo_dir)
     online = fetch(clone, MAIN_REFSPEC, NODES_REFSPEC)
-    rev = ORIGIN_MAIN if clone.has_ref(ORIGIN_MAIN) else "HEAD"
-    run: Run | None = _pick_run(_read_status(clone, rev, args.project), args.project, args.run)
-    last = run
-    shown = ""
-    while run is not None and run.state is RunState.RUNNING:
-        tail = _live_tail(clone, args.project, run)
-        if tail is not None:
-            _write(new_text(shown, tail))
-            shown = tail
-        elif not args.follow:
-            print(f"winslow: {run.id} is running on {run.node or 'a node'}; its branch has no live log yet",
-                  file=sys.stderr)
-        if not args.follow:
-            return 0
-        time.sleep(POLL)
-        online = fetch(clone, MAIN_REFSPEC, NODES_REFSPEC, warn=online)  # warn once, keep trying
-        last, run = run, _read_status(clone, rev, args.project).run(run.id)
-    if run is None:
-        raise ConfigError(f"run {last.id} is gone from projects/{args.project}/status.yaml")
-    final = _final_log(clone, rev, args.project, run)
-    if final is None:
-        raise ConfigError(f"no log of run {run.id} ({run.state.value}) on {rev.removeprefix('refs/remotes/')}")
-    at = final.rfind(shown) if shown else -1
-    if shown and at == -1:
-        print("winslow: the live tail does not line up with the final log; here is all of it", file=sys.stderr)
-    _write(final[at + len(shown):] if at != -1 else final)
-    return 0
+    view = clone.view() if clone.has_ref(ORIGIN_MAIN) else clone.folder_view()
+    watcher = None
+    try:
+        run: Run | None = _pick_run(_read_status(view, args.project), args.project, args.run)
+        last = run
+        shown = ""
+        while run is not None and run.state is RunState.RUNNING:
+            tail = _live_tail(view, args.project, run)
+            if tail is not None:
+                _write(new_text(shown, tail))
+                shown = tail
+            elif not args.follow:
+                print(f"winslow: {run.id} is running on {run.node or 'a node'}; its branch has no live log yet",
+                      file=sys.stderr)
+            if not args.follow:
+                return 0
+            watcher = watcher or _watch_origin(clone)
+            watcher.wake.wait(FOLLOW_WAIT_S)  # a push to origin wakes it; the bound keeps a quiet outage visible
+            watcher.wake.clear()
+            online = fetch(clone, MAIN_REFSPEC, NODES_REFSPEC, warn=online)  # warn once, keep trying
+            last, run = run, _read_status(view, args.project).run(run.id)
+        if run is None:
+            raise ConfigError(f"run {last.id} is gone from {layout.status_file(args.project)}")
+        final = _final_log(view, args.project, run)
+        if final is None:
+            raise ConfigError(f"no log of run {run.id} ({run.state.value}) on "
+                              f"{ORIGIN_MAIN.removeprefix('refs/remotes/') if view.git else 'the work tree'}")
+        at = final.rfind(shown) if shown else -1
+        if shown and at == -1:
+            print("winslow: the live tail does not line up with the final log; here is all of it", file=sys.stderr)
+        _write(final[at + len(shown):] if at != -1 else final)
+        return 0
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        view.close()
+
+
+def _watch_origin(clone: Clone) -> RemoteWatcher:
+    """Wakes `logs --follow` when origin's branches move (a watch on a local remote, else `ls-remote` polls)."""
+    url = clone.git("remote", "get-url", "origin").strip()
+    watcher = RemoteWatcher(url, threading.Event(), POLL)
+    watcher.start()
+    return watcher

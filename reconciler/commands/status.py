@@ -8,16 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from reconciler.commands.clone import (MAIN, MAIN_REFSPEC, ORIGIN_MAIN, Clone, add_verb, check_name, fetch, no_project,
-                                       open_clone)
-from reconciler.errors import GitError
-from reconciler.gitsync import GitTree, CatFile
+from reconciler.clock import parse_time
+from reconciler.commands.clone import add_verb, check_name, fetch, no_project, open_clone
+from reconciler.layout import MAIN, MAIN_REFSPEC, ORIGIN_MAIN
 from reconciler.model import ProjectState, Run, RunState, Status
-from reconciler.state import DirectoryTree, ProjectEntry, StateReader
+from reconciler.snapshot import ProjectEntry
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,44 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print the same data as JSON")
 
 
-@contextmanager
-def commit_tree(clone: Clone, rev: str) -> Iterator[GitTree]:
-    """The state files of one commit of the clone as a state.Tree: one `ls-tree`, one `cat-file --batch`."""
-    listing = clone.bytes("ls-tree", "-r", "-z", "--full-tree", rev)
-    if listing is None:
-        raise GitError(f"cannot list {rev} in {clone.root}")
-    entries: dict[str, str] = {}
-    for record in listing.decode("utf-8", "replace").split("\0"):
-        meta, _, path = record.partition("\t")
-        parts = meta.split(" ")
-        if len(parts) == 3 and parts[1] == "blob" and _is_state_file(path):
-            entries[path] = parts[2]
-    cat = CatFile(clone.root)
-    try:
-        yield GitTree(entries, cat)
-    finally:
-        cat.close()
-
-
-def _is_state_file(path: str) -> bool:
-    if not path.endswith((".yaml", ".yml")) or "/logs/" in path:
-        return False
-    return path == "winslow.yaml" or path.startswith(("pipelines/", "projects/"))
-
-
-def _time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
 def _seconds(start: str | None, end: str | None, now: datetime) -> float | None:
-    began = _time(start)
-    ended = _time(end) if end else now
+    began = parse_time(start)
+    ended = parse_time(end) if end else now
     return (ended - began).total_seconds() if began and ended else None
 
 
@@ -154,7 +117,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 
 def _clock(value: str | None) -> str:
-    parsed = _time(value)
+    parsed = parse_time(value)
     return parsed.astimezone().strftime("%Y-%m-%d %H:%M:%S") if parsed else "-"
 
 
@@ -191,17 +154,19 @@ def run_status(args: argparse.Namespace) -> int:
         check_name(args.project)
     fetch(clone, MAIN_REFSPEC)
     on_origin = clone.has_ref(ORIGIN_MAIN)
-    if on_origin:
-        with commit_tree(clone, ORIGIN_MAIN) as tree:
-            snapshot = StateReader().read(tree)
-    else:
-        snapshot = StateReader().read(DirectoryTree(clone.root))
-    now = datetime.now(timezone.utc)
+    view = clone.view() if on_origin else clone.folder_view()
     source = f"origin/{MAIN}" if on_origin else "the work tree"
+    try:
+        if args.project:
+            entry, _ = view.project(args.project)
+            if entry is None:
+                raise no_project(args.project, view.project_ids(), f" on {source}")
+        else:
+            snapshot = view.snapshot()
+    finally:
+        view.close()
+    now = datetime.now(timezone.utc)
     if args.project:
-        entry = snapshot.projects.get(args.project)
-        if entry is None:
-            raise no_project(args.project, list(snapshot.projects), f" on {source}")
         data = detail(entry, now)
         if args.json:
             print(json.dumps(dict(data, source=source), indent=2))

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from reconciler.errors import ConfigError
-from reconciler.state import DirectoryTree, Snapshot, StateReader
+from reconciler.snapshot import Snapshot
+from reconciler.state import DirectoryTree, StateReader
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

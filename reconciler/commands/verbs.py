@@ -12,6 +12,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 from reconciler.commands.change import Change, check_stage, commit_change
+from reconciler import layout
 from reconciler.commands.clone import (MAIN, TRIES, Clone, add_verb, check_name, local_projects, no_project,
                                        open_clone, pull, require_main)
 from reconciler.errors import ConfigError, GitError, PushRejected
@@ -148,7 +149,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 def _resume_branch(clone: Clone, project: str) -> int | None:
     """The highest N of the branches resume/<project>/<N> on origin."""
-    prefix = f"refs/heads/resume/{project}/"
+    prefix = f"refs/heads/{layout.resume_prefix(project)}"
     listing = clone.git("ls-remote", "origin", prefix + "*")
     numbers = [int(ref[len(prefix):]) for ref in (line.split("\t")[-1] for line in listing.splitlines())
                if ref.startswith(prefix) and ref[len(prefix):].isdigit()]
@@ -162,13 +163,13 @@ def run_approve(args: argparse.Namespace) -> int:
     require_main(clone)
     for _ in range(TRIES):
         pull(clone)
-        if not (clone.root / "projects" / project / "project.yaml").is_file():
+        if not (clone.root / layout.project_file(project)).is_file():
             raise no_project(project, local_projects(clone.root))
         number = _resume_branch(clone, project)
         if number is None:
             raise ConfigError(f"{project} is not waiting at a gate: no resume branch on origin")
-        branch = f"resume/{project}/{number}"
-        tracking = f"refs/remotes/origin/{branch}"
+        branch = layout.resume_branch(project, number)
+        tracking = layout.ORIGIN + branch
         clone.git("fetch", "-q", "origin", f"+refs/heads/{branch}:{tracking}")
         if clone.bytes("merge-base", "--is-ancestor", tracking, "HEAD") is not None:  # merged by hand already
             push(clone.root, "origin", [f":refs/heads/{branch}"], env=clone.env)

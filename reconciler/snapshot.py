@@ -1,0 +1,39 @@
+"""A snapshot of the state repo as the typed model: what `state.StateReader` builds and decide reads.
+
+Plain, immutable data; building it (reading files, parsing YAML) is `state.py`'s job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from reconciler.errors import Problem
+from reconciler.model import ClusterConfig, Pipeline, Project, Status
+
+
+@dataclass(frozen=True)
+class ProjectEntry:
+    """Everything the state repo says about one project folder."""
+
+    id: str
+    project: Project | None
+    status: Status
+    lock: Pipeline | None = None
+    lock_request: int = 0
+    problems: tuple[Problem, ...] = ()
+    exists: bool = True
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.problems)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit: str | None
+    config: ClusterConfig
+    pipelines: Mapping[str, Pipeline | None]
+    projects: Mapping[str, ProjectEntry]
+    problems: tuple[Problem, ...] = ()
+    files: int = 0
+    pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
