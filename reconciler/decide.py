@@ -1,20 +1,24 @@
 """Decide: `(world, this node) -> plan`. A pure function: no I/O, no clock.
 
-Every node runs it on the same commit. It folds the node's journal facts into
-status, derives each request's standing (`progress.py`), and places the
-stages that can start (`placement.py`): only the best-fitting node claims at
-once, the k-th ranked one after k grace periods.
+Every node runs it on the same commit. Each project is reconciled on its own
+into a frozen `Outcome` (its new status, the local runs to stop, the stage it
+could start, a resume branch to propose, a pipeline to lock); a project that
+breaks the rules breaks only its own outcome. The stages that can start are
+then placed (`placement.py`): only the best-fitting node claims at once, the
+k-th ranked one after k grace periods. `decide` folds the outcomes into one
+`Plan`, which the node turns into a single commit (`report.py`).
+
+Where a request stands is derived from its runs (`progress.py`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Mapping
-
 import logging
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
 
 from reconciler import layout
 from reconciler.clock import seconds_between
-from reconciler.facts import Fact
+from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.model import (SECRET_MASK, Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
                               RunState, Stage, Status)
 from reconciler.placement import rank, slots
@@ -23,6 +27,7 @@ from reconciler.snapshot import ProjectEntry, Snapshot
 
 log = logging.getLogger("winslow.decide")
 
+FactKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,45 @@ class Resume:
     next_stage: str
 
 
-@dataclass
+@dataclass(frozen=True)
+class Startable:
+    """A stage a project could start now, before placement says which node takes it."""
+
+    project: str
+    pipeline: Pipeline
+    stage: Stage
+    run_id: str
+    new_request: RequestProgress | None  # set when this start is also the request's first observation
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What reconciling one project decided; `decide` folds them into the plan."""
+
+    project: str
+    status: Status | None = None                 # None: nothing to write
+    stops: tuple[Stop, ...] = ()
+    start: Startable | None = None
+    resume: Resume | None = None
+    lock: tuple[int, Pipeline] | None = None
+    finished: tuple[tuple[Run, Fact], ...] = ()  # runs that ended, with the fact that says how
+    settled: frozenset[FactKey] = frozenset()    # journal facts this outcome publishes (or drops)
+    notes: tuple[str, ...] = ()
+    claim: Claim | None = None                   # placement: this node claims the start
+    waiting: str | None = None                   # placement: "<project>/<run>" startable, not claimed here
+
+
+@dataclass(frozen=True)
 class Plan:
+    """Everything one cycle of one node does, folded from the projects' outcomes."""
+
     statuses: dict[str, Status] = field(default_factory=dict)
     locks: dict[str, tuple[int, Pipeline]] = field(default_factory=dict)
     finished: list[tuple[str, Run, Fact]] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
     stops: list[Stop] = field(default_factory=list)
     resumes: list[Resume] = field(default_factory=list)
-    settled: set[tuple[str, str, str]] = field(default_factory=set)
+    settled: set[FactKey] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # "<project>/<run>" startable but not claimed here
     stale_branches: list[str] = field(default_factory=list)  # resume branches behind their project
@@ -86,55 +121,55 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Startable:
-    project: str
-    pipeline: Pipeline
-    stage: Stage
-    run_id: str
-    new_request: RequestProgress | None
+class _Cycle:
+    """The inputs every project's reconcile shares."""
+
+    world: World
+    me: Me
+    leads: bool  # this node is the first live node: it records what nobody may claim, and marks lost nodes
+
+    @property
+    def now(self) -> str:
+        return self.world.now
 
 
 def decide(world: World, me: Me) -> Plan:
-    plan = Plan()
-    first_live = min(world.nodes) if world.nodes else me.name
+    leader = min(world.nodes) if world.nodes else me.name
+    cycle = _Cycle(world, me, leads=me.name == leader)
     facts: dict[str, list[Fact]] = {}
     for fact in me.facts:
         facts.setdefault(fact.project, []).append(fact)
-    startable: list[_Startable] = []
     unreadable = {layout.project_of(p.path) for p in world.snapshot.problems
-                  if p.path.endswith(("/" + layout.STATUS_FILE, "/" + layout.LOCK_FILE))} - {None}
-    for project_id, entry in world.snapshot.projects.items():
-        if project_id in unreadable:
-            # Reading it as "never started" would run every stage again: leave it for a person.
-            plan.settled.update(f.key for f in facts.pop(project_id, []) if f.kind == "started")
-            continue
-        status = _apply_facts(project_id, entry.status, facts.pop(project_id, []), world, plan)
-        if me.name == first_live:
-            status = _mark_lost(project_id, status, world)
-        status = _mark_vanished(project_id, status, me, world)
-        if not entry.exists:
-            _stop_local(project_id, status, me, plan, "project deleted")
-            if status != entry.status:  # record how its runs ended, so they hold no node's resources
-                plan.statuses[project_id] = replace(status, state=ProjectState.IDLE, message="project deleted",
-                                                    deleted=status.deleted or world.now)
-            continue
-        try:
-            status, start = _reconcile(entry, status, world, me, plan, first_live)
-        except Exception as exc:  # a status written by hand can break any assumption: that project only
-            log.exception("%s: cannot reconcile", project_id)
-            status, start = replace(status, state=ProjectState.INVALID,
-                                    message=f"cannot reconcile (internal error {type(exc).__name__}: {exc})"), None
-        plan.statuses[project_id] = status
-        if start:
-            startable.append(start)
-    for orphans in facts.values():
-        plan.settled.update(f.key for f in orphans)
-    for project_id, run_id in sorted(me.local_runs):
-        if project_id not in world.snapshot.projects:  # its folder was deleted
-            plan.stops.append(Stop(project_id, run_id, "project deleted"))
-    _place(startable, world, me, plan, first_live)
-    if me.name == first_live:
-        plan.stale_branches = _stale_branches(world)
+                  if p.path.endswith(("/" + layout.STATUS_FILE, "/" + layout.LOCK_FILE))}
+    outcomes = [_project(cycle, entry, facts.pop(project_id, []), project_id in unreadable)
+                for project_id, entry in world.snapshot.projects.items()]
+    orphans = frozenset(f.key for orphaned in facts.values() for f in orphaned)
+    deleted = tuple(Stop(project_id, run_id, "project deleted") for project_id, run_id in sorted(me.local_runs)
+                    if project_id not in world.snapshot.projects)  # its folder is gone, status and all
+    placed = _place(cycle, outcomes)
+    stale = _stale_branches(world) if cycle.leads else []
+    return _fold(world, outcomes + placed, orphans, deleted, stale)
+
+
+def _fold(world: World, outcomes: Iterable[Outcome], orphans: frozenset[FactKey], deleted: tuple[Stop, ...],
+          stale: list[str]) -> Plan:
+    plan = Plan(settled=set(orphans), stale_branches=stale)
+    for outcome in outcomes:
+        if outcome.status is not None:
+            plan.statuses[outcome.project] = outcome.status
+        if outcome.lock is not None:
+            plan.locks[outcome.project] = outcome.lock
+        plan.finished.extend((outcome.project, run, fact) for run, fact in outcome.finished)
+        plan.stops.extend(outcome.stops)
+        plan.settled.update(outcome.settled)
+        plan.notes.extend(outcome.notes)
+        if outcome.resume is not None:
+            plan.resumes.append(outcome.resume)
+        if outcome.claim is not None:
+            plan.claims.append(outcome.claim)
+        if outcome.waiting is not None:
+            plan.waiting.append(outcome.waiting)
+    plan.stops.extend(deleted)
     for project_id, status in list(plan.statuses.items()):
         before = world.snapshot.projects[project_id].status
         if replace(status, updated=before.updated) == before:
@@ -154,34 +189,89 @@ def _stale_branches(world: World) -> list[str]:
     return stale
 
 
-def _apply_facts(project_id: str, status: Status, facts: list[Fact], world: World, plan: Plan) -> Status:
-    for fact in sorted(facts, key=lambda f: f.kind != "started"):
+# -- one project ---------------------------------------------------------------------------------
+
+def _project(cycle: _Cycle, entry: ProjectEntry, facts: list[Fact], unreadable: bool) -> Outcome:
+    if unreadable:
+        # Reading it as "never started" would run every stage again: leave it for a person.
+        return Outcome(entry.id, settled=frozenset(f.key for f in facts if f.kind == STARTED))
+    reported = _apply_facts(entry.id, entry.status, facts, cycle.now)
+    status = reported.status or entry.status
+    if cycle.leads:
+        status = _mark_lost(status, cycle.world)
+    status = _mark_vanished(entry.id, status, cycle.me, cycle.now)
+    if not entry.exists:
+        stops = _local_stops(entry.id, cycle.me, "project deleted")
+        if status == entry.status:
+            return replace(reported, status=None, stops=stops)
+        # Record how its runs ended, so they hold no node's resources.
+        return replace(reported, stops=stops, status=replace(status, state=ProjectState.IDLE, message="project deleted",
+                                                            deleted=status.deleted or cycle.now))
+    try:
+        decided = _reconcile(cycle, entry, status)
+    except Exception as exc:  # a status written by hand can break any assumption: that project only
+        log.exception("%s: cannot reconcile", entry.id)
+        decided = Outcome(entry.id, status=replace(status, state=ProjectState.INVALID,
+                                                   message=f"cannot reconcile (internal error "
+                                                           f"{type(exc).__name__}: {exc})"))
+    return replace(decided, finished=reported.finished, settled=reported.settled,
+                   notes=reported.notes + decided.notes)
+
+
+def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -> Outcome:
+    """Fold this node's journal facts into status: started, then exited, then listed (the result manifest)."""
+    order = {STARTED: 0, EXITED: 1, LISTED: 2}
+    finished: list[tuple[Run, Fact]] = []
+    settled: set[FactKey] = set()
+    notes: list[str] = []
+    for fact in sorted(facts, key=lambda f: order.get(f.kind, 3)):
         run = status.run(fact.run_id)
-        plan.settled.add(fact.key)
+        if fact.kind == LISTED:
+            if run is not None and run.state is RunState.RUNNING:
+                continue  # its exit is not on main yet: keep the listing until it is
+            settled.add(fact.key)
+            if run is not None and run.result is None and fact.manifest is not None:
+                run = run.with_event(fact.time, _listed(fact.manifest), result=layout.result_file(project_id, run.id))
+                status = status.with_run(run)
+                finished.append((run, fact))
+            continue
+        settled.add(fact.key)
         if run is None or run.state is not RunState.RUNNING:
             continue  # already recorded, or marked LOST by another node: publish nothing from it
-        if fact.kind == "started":
+        if fact.kind == STARTED:
             if run.started is None:
                 digest = f" ({fact.image_digest[:19]})" if fact.image_digest else ""
                 status = status.with_run(run.with_event(fact.time, f"started{digest}",
                                                         started=fact.time, image_digest=fact.image_digest))
-                plan.notes.append(f"{project_id}: {run.stage} started on {run.node}")
+                notes.append(f"{project_id}: {run.stage} started on {run.node}")
             continue
-        ok = fact.exit_code == 0 and not fact.reason
-        ended = f"exited {fact.exit_code}" if fact.exit_code is not None else "did not run"
-        message = ended + (f": {fact.reason}" if fact.reason else "")
-        state = RunState.LOST if fact.lost else RunState.SUCCEEDED if ok else RunState.FAILED
-        run = run.with_event(fact.time, message, state=state,
-                             finished=fact.time, exit_code=fact.exit_code, reason=fact.reason,
-                             log=layout.log_file(project_id, run.id),
-                             result=layout.result_file(project_id, run.id) if fact.manifest is not None else None)
+        run = _ended(project_id, run, fact)
         status = status.with_run(run)
-        plan.finished.append((project_id, run, fact))
-        plan.notes.append(f"{project_id}: {run.stage} -> {run.state.value}")
-    return status
+        finished.append((run, fact))
+        notes.append(f"{project_id}: {run.stage} -> {run.state.value}")
+    changed = status if (finished or notes) else None
+    return Outcome(project_id, status=changed, finished=tuple(finished), settled=frozenset(settled), notes=tuple(notes))
 
 
-def _mark_lost(project_id: str, status: Status, world: World) -> Status:
+def _ended(project_id: str, run: Run, fact: Fact) -> Run:
+    ok = fact.exit_code == 0 and not fact.reason
+    ended = f"exited {fact.exit_code}" if fact.exit_code is not None else "did not run"
+    message = ended + (f": {fact.reason}" if fact.reason else "")
+    state = RunState.LOST if fact.lost else RunState.SUCCEEDED if ok else RunState.FAILED
+    return run.with_event(fact.time, message, state=state, finished=fact.time, exit_code=fact.exit_code,
+                          reason=fact.reason, log=layout.log_file(project_id, run.id),
+                          result=layout.result_file(project_id, run.id) if fact.manifest is not None else None)
+
+
+def _listed(manifest: Mapping[str, object]) -> str:
+    files = manifest.get("files")
+    count = len(files) if isinstance(files, list) else 0
+    unlisted = manifest.get("unlisted")
+    skipped = f", {len(unlisted)} could not be listed" if isinstance(unlisted, list) and unlisted else ""
+    return f"results listed: {count} file(s){skipped}"
+
+
+def _mark_lost(status: Status, world: World) -> Status:
     for run in status.active:
         if run.node in world.lost:
             reason = f"node {run.node} lost: {world.lost[run.node]}"
@@ -190,127 +280,135 @@ def _mark_lost(project_id: str, status: Status, world: World) -> Status:
     return status
 
 
-def _mark_vanished(project_id: str, status: Status, me: Me, world: World) -> Status:
+def _mark_vanished(project_id: str, status: Status, me: Me, now: str) -> Status:
     """A run this node holds in status but has no container for, and no fact about, was lost here."""
     pending = {f.run_id for f in me.facts if f.project == project_id}
     for run in status.active:
         if run.node == me.name and (project_id, run.id) not in me.local_runs and run.id not in pending:
             reason = (f"{me.name} restarted before the stage started" if run.started is None
                       else f"the stage's container vanished from {me.name}")
-            status = status.with_run(run.with_event(world.now, reason, state=RunState.LOST, finished=world.now,
-                                                    reason=reason))
+            status = status.with_run(run.with_event(now, reason, state=RunState.LOST, finished=now, reason=reason))
     return status
 
 
-def _stop_local(project_id: str, status: Status, me: Me, plan: Plan, reason: str) -> None:
-    for pid, run_id in sorted(me.local_runs):
-        if pid == project_id:
-            plan.stops.append(Stop(project_id, run_id, reason))
+def _local_stops(project_id: str, me: Me, reason: str, keep: Iterable[str] = ()) -> tuple[Stop, ...]:
+    """Stops for this node's runs of the project, but those in `keep`."""
+    kept = set(keep)
+    return tuple(Stop(project_id, run_id, reason) for pid, run_id in sorted(me.local_runs)
+                 if pid == project_id and run_id not in kept)
 
 
-def _reconcile(entry: ProjectEntry, status: Status, world: World, me: Me, plan: Plan,
-               first_live: str) -> tuple[Status, _Startable | None]:
+def _reconcile(cycle: _Cycle, entry: ProjectEntry, status: Status) -> Outcome:
     project = entry.project
     # Kill local copies that main no longer calls RUNNING (marked LOST elsewhere, or finished twice).
-    running_ids = {r.id for r in status.active}
-    for pid, run_id in sorted(me.local_runs):
-        if pid == entry.id and run_id not in running_ids:
-            plan.stops.append(Stop(entry.id, run_id, "no longer RUNNING on main"))
+    orphaned = _local_stops(entry.id, cycle.me, "no longer RUNNING on main", keep=(r.id for r in status.active))
     if project is None:
         errors = tuple(str(p) for p in entry.problems)
         message = "invalid: " + (entry.problems[0].message if entry.problems else "unreadable")
         if status.active:
             message += " (the running stage goes on; nothing new starts)"
-        return replace(status, state=ProjectState.INVALID, message=message, errors=errors), None
+        return Outcome(entry.id, replace(status, state=ProjectState.INVALID, message=message, errors=errors),
+                       stops=orphaned)
     status = replace(status, errors=())
     spec = project.run
     if spec.request == 0 and status.observed_request == 0:
-        return replace(status, state=ProjectState.IDLE, message="not started (bump run.request to start)"), None
-    if spec.request > status.observed_request:
-        return _new_request(entry, project, status, world, me, plan, first_live)
-    if status.request is None or entry.lock is None:
-        return replace(status, state=ProjectState.IDLE, message="no request observed"), None
-    for run in status.active:
-        if run.request < status.observed_request and run.node == me.name:
-            plan.stops.append(Stop(entry.id, run.id, f"{SUPERSEDED} by request {status.observed_request}"))
-    return _continue(entry, project, status, entry.lock, world, me, plan, first_live)
+        decided = Outcome(entry.id, replace(status, state=ProjectState.IDLE,
+                                            message="not started (bump run.request to start)"))
+    elif spec.request > status.observed_request:
+        decided = _new_request(cycle, entry, project, status)
+    elif status.request is None or entry.lock is None:
+        decided = Outcome(entry.id, replace(status, state=ProjectState.IDLE, message="no request observed"))
+    else:
+        superseded = tuple(Stop(entry.id, run.id, f"{SUPERSEDED} by request {status.observed_request}")
+                           for run in status.active
+                           if run.request < status.observed_request and run.node == cycle.me.name)
+        decided = _continue(cycle, entry, project, status, entry.lock)
+        decided = replace(decided, stops=superseded + decided.stops)
+    return replace(decided, stops=orphaned + decided.stops)
 
 
-def _new_request(entry: ProjectEntry, project: Project, status: Status, world: World, me: Me, plan: Plan,
-                 first_live: str) -> tuple[Status, _Startable | None]:
-    pipeline = world.snapshot.pipelines.get(project.pipeline)
+def observe(status: Status, progress: RequestProgress) -> Status:
+    """The one place a request is marked observed (like Kubernetes' observedGeneration)."""
+    return replace(status, observed_request=progress.number, request=progress)
+
+
+def _new_request(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Status) -> Outcome:
+    pipeline = cycle.world.snapshot.pipelines.get(project.pipeline)
     if pipeline is None:  # read_project guarantees it for a new request; kept for safety
-        return replace(status, state=ProjectState.INVALID, message=f"pipeline '{project.pipeline}' missing"), None
+        return Outcome(entry.id, replace(status, state=ProjectState.INVALID,
+                                         message=f"pipeline '{project.pipeline}' missing"))
     spec = project.run
     progress = RequestProgress(number=spec.request, from_stage=spec.from_stage or pipeline.stages[0].name,
-                               until=spec.until or pipeline.stages[-1].name, step=spec.step, since=world.now,
+                               until=spec.until or pipeline.stages[-1].name, step=spec.step, since=cycle.now,
                                env=project.env)
-    observed = replace(status, observed_request=spec.request, request=progress, state=ProjectState.RUNNING,
+    observed = replace(observe(status, progress), state=ProjectState.RUNNING,
                        message=f"request {spec.request} observed")
     busy = status.active
-    for run in busy:
-        if run.node == me.name:
-            plan.stops.append(Stop(entry.id, run.id, f"{SUPERSEDED} by request {spec.request}"))
-    start = None
+    stops = tuple(Stop(entry.id, run.id, f"{SUPERSEDED} by request {spec.request}")
+                  for run in busy if run.node == cycle.me.name)
+    first = None
     if spec.state is Desired.RUNNING and not busy:
         stage = pipeline.stage(progress.from_stage)
         assert stage is not None
-        start = _Startable(entry.id, pipeline, stage, _next_id(status, spec.request, stage.name), progress)
-    continued, start = _continue(entry, project, observed, pipeline, world, me, plan, first_live, new=start)
-    if me.name == first_live:
+        first = Startable(entry.id, pipeline, stage, _next_id(status, spec.request, stage.name), progress)
+    continued = _continue(cycle, entry, project, observed, pipeline, new=first)
+    continued = replace(continued, stops=stops + continued.stops)
+    if cycle.leads:
         # The first live node records the request even when nobody can start it yet.
-        plan.locks[entry.id] = (spec.request, pipeline)
-        plan.notes.append(f"{entry.id}: request {spec.request} observed")
-        return continued, start
-    return status, start
+        return replace(continued, lock=(spec.request, pipeline),
+                       notes=continued.notes + (f"{entry.id}: request {spec.request} observed",))
+    # Others record it only with a claim (placement); until then the status stays as it was.
+    return replace(continued, status=status)
 
 
-def _continue(entry: ProjectEntry, project: Project, status: Status, pipeline: Pipeline, world: World, me: Me,
-              plan: Plan, first_live: str, new: _Startable | None = None) -> tuple[Status, _Startable | None]:
+def _continue(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Status, pipeline: Pipeline,
+              new: Startable | None = None) -> Outcome:
     assert status.request is not None
     spec = project.run
     here = standing(status.request, status.runs, pipeline)
     if spec.state is Desired.ABORTED:
-        for run in status.active:
-            if run.node == me.name:
-                plan.stops.append(Stop(entry.id, run.id, ABORTED))
+        stops = tuple(Stop(entry.id, run.id, ABORTED) for run in status.active if run.node == cycle.me.name)
         if status.active:
-            return replace(status, state=ProjectState.RUNNING, message="aborting the running stage"), None
+            return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message="aborting the running stage"),
+                           stops=stops)
         if here.state is not ProjectState.SUCCEEDED:
-            return replace(status, state=ProjectState.FAILED, message="aborted by request"), None
+            return Outcome(entry.id, replace(status, state=ProjectState.FAILED, message="aborted by request"))
     if status.active:
         paused = " (pausing after it)" if spec.state is Desired.PAUSED else ""
-        return replace(status, state=ProjectState.RUNNING, message=here.message + paused), None
+        return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message=here.message + paused))
     if here.state is ProjectState.WAITING:
-        return _waiting(entry, status, pipeline, here, world, plan), None
+        return _waiting(cycle, entry, status, pipeline, here)
     if here.next is None:
-        return replace(status, state=here.state, message=here.message), None
+        return Outcome(entry.id, replace(status, state=here.state, message=here.message))
     if spec.state is Desired.PAUSED:
-        return replace(status, state=ProjectState.PAUSED, message=f"paused; {here.next} is next"), None
+        return Outcome(entry.id, replace(status, state=ProjectState.PAUSED, message=f"paused; {here.next} is next"))
     stage = pipeline.stage(here.next)
     assert stage is not None
     before = pipeline.before(stage.name)
     if before is not None and latest_success(status.runs, before.name) is None:
-        return replace(status, state=ProjectState.FAILED,
-                       message=f"cannot start {stage.name}: stage {before.name} has no successful run to take input from"), None
-    status = replace(status, state=ProjectState.RUNNING, message=here.message)
-    return status, new or _Startable(entry.id, pipeline, stage, _next_id(status, status.request.number, stage.name), None)
+        return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
+                                         message=f"cannot start {stage.name}: stage {before.name} has no successful "
+                                                 f"run to take input from"))
+    start = new or Startable(entry.id, pipeline, stage, _next_id(status, status.request.number, stage.name), None)
+    return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message=here.message), start=start)
 
 
-def _waiting(entry: ProjectEntry, status: Status, pipeline: Pipeline, here: Standing, world: World,
-             plan: Plan) -> Status:
+def _waiting(cycle: _Cycle, entry: ProjectEntry, status: Status, pipeline: Pipeline, here: Standing) -> Outcome:
     assert status.request is not None and here.gate_next
     gated = status.runs[-1] if status.runs else None
-    since = status.request.waiting_since or world.now
+    since = status.request.waiting_since or cycle.now
     stage = pipeline.stage(gated.stage) if gated else None
-    if stage and stage.gate_timeout is not None and (seconds_between(since, world.now) or 0.0) > stage.gate_timeout:
-        return replace(status, state=ProjectState.FAILED, message=f"gate after {stage.name} was not approved in time")
+    if stage and stage.gate_timeout is not None and (seconds_between(since, cycle.now) or 0.0) > stage.gate_timeout:
+        return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
+                                         message=f"gate after {stage.name} was not approved in time"))
     branch = layout.resume_branch(entry.id, status.request.number)
-    if branch not in world.resume_branches:
-        plan.resumes.append(Resume(entry.id, status.request.number, here.gate_next))
+    resume = None
+    if branch not in cycle.world.resume_branches:
+        resume = Resume(entry.id, status.request.number, here.gate_next)
     message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"
-    return replace(status, state=ProjectState.WAITING, message=message,
-                   request=replace(status.request, waiting_since=since, next=here.gate_next))
+    return Outcome(entry.id, replace(status, state=ProjectState.WAITING, message=message,
+                                     request=replace(status.request, waiting_since=since, next=here.gate_next)),
+                   resume=resume)
 
 
 def _next_id(status: Status, request: int, stage: str) -> str:
@@ -318,16 +416,23 @@ def _next_id(status: Status, request: int, stage: str) -> str:
     return Run.make_id(request, stage, attempt)
 
 
-def _place(startable: list[_Startable], world: World, me: Me, plan: Plan, first_live: str) -> None:
-    """Simulate the same placement every node computes, and claim what falls to this node."""
-    running = [r for pid, entry in world.snapshot.projects.items()
-               for r in plan.statuses.get(pid, entry.status).active]
-    free = slots(world.nodes, running, world.snapshot.config)
-    for item in startable:
+# -- placement -------------------------------------------------------------------------------------
+
+def _place(cycle: _Cycle, outcomes: list[Outcome]) -> list[Outcome]:
+    """Simulate the same placement every node computes; claim what falls to this node.
+
+    Returns one more outcome per startable stage: the claim (or the note that it waits);
+    its status replaces the project's status from reconciling.
+    """
+    world, me = cycle.world, cycle.me
+    statuses = {o.project: o.status or world.snapshot.projects[o.project].status for o in outcomes}
+    free = slots(world.nodes, [r for status in statuses.values() for r in status.active], world.snapshot.config)
+    placed = []
+    for item in (o.start for o in outcomes if o.start is not None):
         ranking = rank(item.stage, free)
         if not ranking:
-            if me.name == first_live:  # one writer, or nodes with different views would take turns
-                _note_unplaceable(item, plan, world)
+            if cycle.leads:  # one writer, or nodes with different views would take turns
+                placed.append(_unplaceable(item, statuses[item.project], cycle))
             continue
         position = ranking.index(me.name) if me.name in ranking else -1
         waited = world.waited.get(f"{item.project}/{item.run_id}", 0.0)
@@ -336,13 +441,13 @@ def _place(startable: list[_Startable], world: World, me: Me, plan: Plan, first_
             chosen = me.name
         free[chosen], gpus = free[chosen].take(item.stage)
         if chosen == me.name and me.may_claim:
-            _claim(item, gpus, world, me, plan)
+            placed.append(_claim(item, gpus, statuses[item.project], cycle))
         else:
-            plan.waiting.append(f"{item.project}/{item.run_id}")
+            placed.append(Outcome(item.project, waiting=f"{item.project}/{item.run_id}"))
+    return placed
 
 
-def _note_unplaceable(item: _Startable, plan: Plan, world: World) -> None:
-    status = plan.statuses.get(item.project, world.snapshot.projects[item.project].status)
+def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:
     need = item.stage.resources
     wanted = f"{need.gpus} GPU(s), {need.cpus:g} CPU(s), {need.memory // 2**20} MiB"
     if item.stage.node_tags:
@@ -350,32 +455,31 @@ def _note_unplaceable(item: _Startable, plan: Plan, world: World) -> None:
     message = f"{item.stage.name} waits for a free node with {wanted}"
     observed = item.new_request is None or status.observed_request >= item.new_request.number
     if status.message != message and observed:
-        plan.statuses[item.project] = replace(status, message=message)
+        return Outcome(item.project, replace(status, message=message))
+    return Outcome(item.project)
 
 
-def _claim(item: _Startable, gpus: tuple[int, ...], world: World, me: Me, plan: Plan) -> None:
-    entry = world.snapshot.projects[item.project]
-    status = plan.statuses.get(item.project, entry.status)
+def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle) -> Outcome:
     pipeline = item.pipeline
+    lock = None
     if item.new_request is not None and status.observed_request < item.new_request.number:
-        status = replace(status, observed_request=item.new_request.number, request=item.new_request)
-        plan.locks[item.project] = (item.new_request.number, pipeline)
+        status = observe(status, item.new_request)
+        lock = (item.new_request.number, pipeline)
     assert status.request is not None
     before = pipeline.before(item.stage.name)
     source = latest_success(status.runs, before.name) if before else None
     env = {**pipeline.env, **item.stage.env, **status.request.env}
     recorded = {**env, **{name: SECRET_MASK for name in item.stage.secrets}}
-    request, _, attempt = item.run_id.rpartition("-")
-    events = [f"claimed by {me.name}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
+    _, _, attempt = item.run_id.rpartition("-")
+    me, now = cycle.me.name, cycle.now
+    events = [f"claimed by {me}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
     run = Run(id=item.run_id, request=status.request.number, stage=item.stage.name, attempt=int(attempt),
-              state=RunState.RUNNING, node=me.name, gpus=gpus, cpus=item.stage.resources.cpus,
-              memory=item.stage.resources.memory, claimed=world.now, image=item.stage.image, env=recorded,
+              state=RunState.RUNNING, node=me, gpus=gpus, cpus=item.stage.resources.cpus,
+              memory=item.stage.resources.memory, claimed=now, image=item.stage.image, env=recorded,
               workspace=layout.workspace(item.project, item.run_id), input=source.workspace if source else None)
     for message in events:
-        run = run.with_event(world.now, message)
-    status = replace(status.with_run(run), state=ProjectState.RUNNING,
-                     message=f"{item.stage.name} running on {me.name}")
+        run = run.with_event(now, message)
+    status = replace(status.with_run(run), state=ProjectState.RUNNING, message=f"{item.stage.name} running on {me}")
     status = replace(status, request=replace(status.request, next=None, waiting_since=None))
-    plan.statuses[item.project] = status
-    plan.claims.append(Claim(item.project, run, item.stage, env))
-    plan.notes.append(f"{item.project}: {item.stage.name} -> RUNNING on {me.name}")
+    return Outcome(item.project, status, lock=lock, claim=Claim(item.project, run, item.stage, env),
+                   notes=(f"{item.project}: {item.stage.name} -> RUNNING on {me}",))

@@ -4,13 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STARTED = "started"
-EXITED = "exited"
+STARTED = "started"   # the stage began running
+EXITED = "exited"     # the stage ended (exit code, or why it did not run)
+LISTED = "listed"     # its workspace was listed and hashed: the result manifest
 
 
 @dataclass(frozen=True)
 class Fact:
-    """`kind` is 'started' or 'exited'; the rest says what and when."""
+    """`kind` is STARTED, EXITED or LISTED; the rest says what and when."""
 
     kind: str
     project: str

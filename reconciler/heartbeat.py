@@ -1,158 +1,159 @@
-"""What a node knows about itself: capacity, load, and the heartbeat document it pushes.
+"""This node's heartbeat: its branch `winslow/nodes/<node>`, kept fresh, and the lease that fences it.
 
-`read_capacity` and `LoadSampler` read the machine (psutil, and NVML for GPUs);
-`node_document` shapes what goes into `nodes/<node>.yaml` on the node's branch,
-exactly as `schema/node.schema.json` describes it. Values are rounded (one decimal
-for CPU percent, whole bytes per second for network rates) so the file stays small.
+Every beat commits `nodes/<node>.yaml` (capacity, load, running runs with their log
+tails; shaped by `node_document` exactly as `schema/node.schema.json` says) on top
+of the previous beat and force-pushes the node's own branch; every `SQUASH_EVERY`
+beats the branch restarts from one parentless commit, so it stays short. Each beat
+changes only a tiny tick file; the node file itself is rewritten when runs, log
+tails or capacity change, and for a fresh load sample every `LOAD_EVERY` beats, so
+a quiet node adds a few hundred bytes to the remote per beat.
 
-NVML sits behind `Nvml`, a thin wrapper over the `pynvml` module; tests hand it a
-stand-in with the same function names. A node without the NVIDIA driver (or without
-`pynvml`) simply has no GPUs.
+The heartbeat asks the node for one thing (its runs, as `NodeSide.heartbeat_runs`)
+and tells it one thing (`NodeSide.cut_off`: the lease ran out, stop everything).
+The lease is checked on its own, whether or not the beat before it succeeded.
 """
 from __future__ import annotations
 
 import logging
-import math
+import threading
 import time
-from collections import deque
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
-import psutil
-
+from reconciler import __version__, layout
 from reconciler.clock import utcnow
+from reconciler.errors import GitError
+from reconciler.fencing import Fence
+from reconciler.gitsync import Mirror
+from reconciler.machine import LoadSampler, Nvml, read_capacity
+from reconciler.model import NodeInfo
+from reconciler.settings import Settings
+from reconciler.yamlsafe import dump_yaml
 
-log = logging.getLogger(__name__)
-
-HISTORY_WINDOW_S = 300.0
+log = logging.getLogger("winslow.heartbeat")
+SQUASH_EVERY = 120
+LOAD_EVERY = 6  # beats between load samples on the branch (the viewer's charts): 30 s at the default 5 s
 _CAPACITY_GPU_KEYS = ("index", "uuid", "model", "memory")
 _RUN_KEYS = ("project", "run", "stage", "gpus", "started", "log_tail")
-_LOOPBACK_PREFIX = "lo"
 
 
-class Nvml:
-    """The few NVML calls Winslow makes. `lib` is the `pynvml` module, or a stand-in with its names.
+class NodeSide(Protocol):
+    """What the heartbeat needs from the node it beats for."""
 
-    It initialises on first use; when the library or the driver is missing it says so
-    once, at INFO, and from then on reports no GPUs.
-    """
+    def heartbeat_runs(self) -> list[dict[str, Any]]:
+        """The node's running runs: project, run, stage, gpus, started and the masked tail of the log."""
 
-    def __init__(self, lib: Any = None) -> None:
-        self._lib = lib
-        self._ready: bool | None = None  # None: not tried yet
+    def cut_off(self, silent: float) -> None:
+        """The heartbeat has not got through for `silent` seconds, past the lease: stop every run."""
+
+
+class Heartbeat:
+    def __init__(self, name: str, mirror: Mirror, settings: Settings, fence: Fence, node: NodeSide,
+                 executor: str, tags: Iterable[str] = (), nvml: Nvml | None = None) -> None:
+        self.name = name
+        self.mirror = mirror
+        self.settings = settings
+        self.fence = fence
+        self.node = node
+        self.executor = executor
+        self.flag_tags = tuple(tags)
+        nvml = nvml if nvml is not None else Nvml()
+        self.capacity = read_capacity(nvml)
+        self.sampler = LoadSampler(settings.current.heartbeat, nvml=nvml)
+        self.started = utcnow()
+        self.tick = 0
+        self._parent: str | None = None
+        self._beats_on_branch = 0
+        self._last_ok = time.monotonic()
+        self._last_beat = 0.0
+        self._beats_since_sample = LOAD_EVERY
+        self._load: dict[str, Any] = {}
+        self._content = b""
+        self._stop = threading.Event()
+        self._now = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
-    def available(self) -> bool:
-        if self._ready is None:
-            self._ready = self._init()
-        return self._ready
+    def tags(self) -> tuple[str, ...]:
+        own = self.settings.current.nodes.get(self.name)
+        return self.flag_tags + (own.tags if own else ())
 
-    def _init(self) -> bool:
-        if self._lib is None:
+    def info(self) -> NodeInfo:
+        """This node as the others see it, for this node's own decisions."""
+        return NodeInfo.from_dict({"name": self.name, "capacity": self.capacity, "tags": list(self.tags),
+                                   "executor": self.executor, "tick": self.tick})
+
+    @property
+    def may_claim(self) -> bool:
+        """False while fenced, or once the lease ran out: others may already have declared this node lost."""
+        return not self.fence.fenced and time.monotonic() - self._last_ok < self.settings.current.lease
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._now.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            config = self.settings.current
+            self._now.wait(min(config.heartbeat, max(0.5, config.lease / 4)))
+            self._now.clear()
+            if self._stop.is_set():
+                return
             try:
-                import pynvml
-            except ImportError:
-                log.info("no GPUs: the pynvml package (nvidia-ml-py) is not installed")
-                return False
-            self._lib = pynvml
+                if time.monotonic() - self._last_beat >= config.heartbeat:
+                    self.beat()
+            except Exception:  # the heartbeat must outlive any one failure, or the node is declared lost
+                log.exception("%s: heartbeat failed", self.name)
+            try:  # on its own: fencing must not depend on the beat having worked
+                self._check_lease()
+            except Exception:
+                log.exception("%s: lease check failed", self.name)
+
+    def _check_lease(self) -> None:
+        silent = time.monotonic() - self._last_ok
+        if silent >= self.settings.current.lease:
+            self.node.cut_off(silent)
+
+    def document(self) -> dict[str, Any]:
+        """What others read about this node; it changes only when something changed."""
+        own = self.settings.current.nodes.get(self.name)
+        return node_document(name=self.name, version=__version__, executor=self.executor, started=self.started,
+                             tick=None, tags=list(self.tags), drain=bool(own and own.drain), capacity=self.capacity,
+                             load=self._load, history=self.sampler.history(), runs=self.node.heartbeat_runs())
+
+    def beat(self) -> None:
+        """Push the tick (always) and the node file (when it changed, or its load is a minute old)."""
+        self.tick += 1
+        self._last_beat = time.monotonic()
+        began = time.monotonic()
+        self._beats_since_sample += 1
+        if self._beats_since_sample >= LOAD_EVERY:
+            self._load = self.sampler.sample()
+            self._beats_since_sample = 0
+        changes = {layout.node_tick(self.name): f"{self.tick}\n".encode()}
+        content = dump_yaml(self.document()).encode()
+        parent = self._parent if self._beats_on_branch < SQUASH_EVERY else None
+        if content != self._content or parent is None:  # a fresh branch carries the whole node file
+            changes[layout.node_file(self.name)] = content
         try:
-            self._lib.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - NVMLError and its many kinds: no driver, no library
-            log.info("no GPUs: NVML is not available (%s)", exc)
-            return False
-        return True
-
-    def _handles(self) -> list[tuple[int, Any]]:
-        if not self.available:
-            return []
-        try:
-            count = int(self._lib.nvmlDeviceGetCount())
-        except Exception as exc:  # noqa: BLE001
-            log.warning("cannot count GPUs through NVML: %s", exc)
-            return []
-        handles = []
-        for index in range(count):
-            try:
-                handles.append((index, self._lib.nvmlDeviceGetHandleByIndex(index)))
-            except Exception as exc:  # noqa: BLE001 - one broken GPU does not hide the others
-                log.warning("cannot reach GPU %d through NVML: %s", index, exc)
-        return handles
-
-    def devices(self) -> list[dict[str, Any]]:
-        """Each GPU's index (NVML's, which is PCI bus order), UUID, model and memory in bytes."""
-        found = []
-        for index, handle in self._handles():
-            try:
-                found.append({
-                    "index": index,
-                    "uuid": _text(self._lib.nvmlDeviceGetUUID(handle)),
-                    "model": _text(self._lib.nvmlDeviceGetName(handle)),
-                    "memory": int(self._lib.nvmlDeviceGetMemoryInfo(handle).total),
-                })
-            except Exception as exc:  # noqa: BLE001
-                log.warning("cannot read GPU %d through NVML: %s", index, exc)
-        return found
-
-    def load(self) -> list[dict[str, Any]]:
-        """Each GPU's utilisation (percent), memory used (bytes) and temperature (°C); missing values left out."""
-        sensor = getattr(self._lib, "NVML_TEMPERATURE_GPU", 0)
-        readings = []
-        for index, handle in self._handles():
-            reading: dict[str, Any] = {"index": index}
-            _read(reading, "utilization", lambda: int(self._lib.nvmlDeviceGetUtilizationRates(handle).gpu))
-            _read(reading, "memory_used", lambda: int(self._lib.nvmlDeviceGetMemoryInfo(handle).used))
-            _read(reading, "temperature", lambda: int(self._lib.nvmlDeviceGetTemperature(handle, sensor)))
-            readings.append(reading)
-        return readings
-
-    def close(self) -> None:
-        if self._ready:
-            try:
-                self._lib.nvmlShutdown()
-            except Exception:  # noqa: BLE001 - shutting down is best effort
-                log.debug("nvmlShutdown failed", exc_info=True)
-        self._ready = None
-
-
-def read_capacity(nvml: Nvml | None = None) -> dict[str, Any]:
-    """This node's CPUs, memory (bytes) and GPUs, as the heartbeat's `capacity`."""
-    nvml = nvml if nvml is not None else Nvml()
-    return {
-        "cpus": psutil.cpu_count() or 1,
-        "memory": int(psutil.virtual_memory().total),
-        "gpus": nvml.devices(),
-    }
-
-
-class LoadSampler:
-    """Samples the node's load and keeps the last `window` seconds of samples for the viewer's charts."""
-
-    def __init__(self, interval: float = 5.0, window: float = HISTORY_WINDOW_S, nvml: Nvml | None = None) -> None:
-        self._nvml = nvml if nvml is not None else Nvml()
-        self._history: deque[dict[str, Any]] = deque(maxlen=max(1, math.ceil(window / max(interval, 0.001))))
-        psutil.cpu_percent(None)  # the first sample measures from here, not from boot
-        self._net = _net_bytes()
-        self._net_at = time.monotonic()
-
-    def sample(self) -> dict[str, Any]:
-        now = time.monotonic()
-        net = _net_bytes()
-        elapsed = now - self._net_at
-        rx, tx = (_rate(net[i] - self._net[i], elapsed) for i in (0, 1))
-        self._net, self._net_at = net, now
-        memory = psutil.virtual_memory()
-        sample = {
-            "time": utcnow(),
-            "cpu_percent": round(float(psutil.cpu_percent(None)), 1),
-            "memory_used": int(memory.total - memory.available),
-            "net_rx": rx,
-            "net_tx": tx,
-            "gpus": self._nvml.load(),
-        }
-        self._history.append(sample)
-        return sample
-
-    def history(self) -> list[dict[str, Any]]:
-        return list(self._history)
+            commit = self.mirror.commit(parent, changes, f"{self.name}: heartbeat {self.tick}")
+            self.mirror.push([f"+{commit}:refs/heads/{layout.node_branch(self.name)}"],
+                             timeout=max(2.0, self.settings.current.lease / 4))
+        except GitError as exc:
+            log.warning("%s: heartbeat not pushed (%s); %.0fs without one", self.name, exc,
+                        time.monotonic() - self._last_ok)
+            return
+        self._parent, self._content = commit, content
+        self._beats_on_branch = 1 if parent is None else self._beats_on_branch + 1
+        self._last_ok = began  # the lease counts from when the push began, not when it ended
+        if self.fence.renewed():
+            log.info("%s: heartbeat renewed; the node takes work again", self.name)
 
 
 def node_document(
@@ -199,31 +200,3 @@ def _run_entry(run: Mapping[str, Any]) -> dict[str, Any]:
     if "gpus" in entry:
         entry["gpus"] = [int(g) for g in entry["gpus"]]
     return entry
-
-
-def _net_bytes() -> tuple[int, int]:
-    """Bytes received and sent on every interface but loopback (local git traffic is not network IO)."""
-    rx = tx = 0
-    for nic, counters in psutil.net_io_counters(pernic=True).items():
-        if nic.startswith(_LOOPBACK_PREFIX):
-            continue
-        rx += counters.bytes_recv
-        tx += counters.bytes_sent
-    return rx, tx
-
-
-def _rate(delta: int, elapsed: float) -> int:
-    if elapsed <= 0 or delta <= 0:  # an interface that went away makes the sum shrink
-        return 0
-    return int(round(delta / elapsed))
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _read(reading: dict[str, Any], key: str, query: Any) -> None:
-    try:
-        reading[key] = query()
-    except Exception as exc:  # noqa: BLE001 - GPUs without a sensor or counter are common
-        log.debug("GPU %s: %s not available: %s", reading["index"], key, exc)

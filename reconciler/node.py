@@ -11,26 +11,30 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from reconciler import layout
+from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
-from reconciler.clock import utcnow
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
-from reconciler import layout
+from reconciler.facts import EXITED, STARTED, Fact
+from reconciler.fencing import Fence
 from reconciler.gitsync import Mirror
-from reconciler.liveness import Liveness
-from reconciler.pulse import Heartbeat
-from reconciler.facts import Fact
+from reconciler.heartbeat import Heartbeat
 from reconciler.journal import Journal
+from reconciler.liveness import Liveness
+from reconciler.lister import Lister
+from reconciler.manifests import HashCache, build_manifest
 from reconciler.model import ClusterConfig
 from reconciler.report import changes, message
+from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
-from reconciler.repoview import RepoView
-from reconciler.storage import LocalStorage
+from reconciler.settings import Settings
+from reconciler.storage import LocalStorage, read_tail
 from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
@@ -92,29 +96,59 @@ class Node:
         self.stopping = threading.Event()
         self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo)
         self.liveness = Liveness(self.name)
-        self.heartbeat = Heartbeat(self, options)
+        self.settings = Settings({"heartbeat": options.heartbeat, "node_timeout": options.node_timeout,
+                                  "lease": options.lease, "poll": options.poll})
+        self.fence = Fence()
+        self.heartbeat = Heartbeat(self.name, self.repo, self.settings, self.fence, self, self.executor.name,
+                                   options.tags)
+        self.hashes = HashCache(options.work / "hashes.jsonl")
+        self.lister = Lister(options.work / "to-list", self._manifest, self.journal, self.wake)
         self.watcher: RemoteWatcher | None = None
         self._first_seen: dict[str, float] = {}
         self._missing_projects: dict[str, float] = {}
         self._fetched = 0.0
-        self.fenced_runs: set[tuple[str, str]] = set()  # stopped by fencing: their end is LOST, not FAILED
         self._last_housekeeping = 0.0
         self.cycles = 0
 
     # -- events from other threads ------------------------------------------------------------
     def _on_exit(self, info: ExitInfo) -> None:
-        manifest = None
-        try:
-            manifest = self.storage.manifest(info.project, info.run_id)
-        except (OSError, StorageError) as exc:
-            log.warning("%s/%s: cannot list the workspace: %s", info.project, info.run_id, exc)
-        lost = (info.project, info.run_id) in self.fenced_runs
-        self.journal.record(Fact("exited", info.project, info.run_id, info.finished, info.exit_code, info.reason,
-                                 lost=lost, manifest=manifest))
-        self.fenced_runs.discard((info.project, info.run_id))
+        """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
+        lost = self.fence.ended((info.project, info.run_id))
+        self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
+                                 lost=lost))
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
                  f" ({info.reason})" if info.reason else "")
         self.wake.set()
+        if info.exit_code is not None:  # a stage that never ran left nothing to list
+            self.lister.list_later(info.project, info.run_id)
+
+    def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
+        return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
+
+    # -- what the heartbeat asks and tells ------------------------------------------------------
+    def heartbeat_runs(self) -> list[dict[str, Any]]:
+        snapshot = self.view.last
+        live_tail = self.settings.current.live_tail
+        runs = []
+        for running in self.executor.running():
+            entry = snapshot.projects.get(running.project) if snapshot else None
+            run = entry.status.run(running.run_id) if entry else None
+            tail = read_tail(self.storage.log_path(running.project, running.run_id), live_tail)
+            runs.append({"project": running.project, "run": running.run_id, "stage": run.stage if run else "",
+                         "gpus": list(run.gpus) if run else [], "started": running.started,
+                         "log_tail": self.secrets.mask(tail.encode()).decode("utf-8", "replace")})
+        return runs
+
+    def cut_off(self, silent: float) -> None:
+        """Stop every local run: others may have declared this node lost and started them elsewhere."""
+        reason = f"fenced: {self.name} could not renew its heartbeat for {silent:.0f}s"
+        running = [(r.project, r.run_id) for r in self.executor.running()]
+        for project, run_id in self.fence.cut_off(running):
+            log.warning("%s/%s: %s", project, run_id, reason)
+            try:
+                self.executor.stop(project, run_id, reason)
+            except Exception:
+                log.exception("%s/%s: could not stop", project, run_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,6 +159,7 @@ class Node:
         except GitError as exc:
             log.warning("first fetch failed (%s); carrying on with what is local", exc)
         self.executor.running()  # adopt the containers of an earlier life of this node
+        self.lister.start()
         self.heartbeat.start()
         self.watcher = RemoteWatcher(self.options.repo, self.wake, self._config().poll)
         self.watcher.start()
@@ -137,6 +172,7 @@ class Node:
         if self.watcher:
             self.watcher.stop()
         self.heartbeat.stop()
+        self.lister.stop()
         self.executor.close()
         self.repo.close()
 
@@ -152,7 +188,7 @@ class Node:
 
     # -- the cycle ----------------------------------------------------------------------------
     def _config(self) -> ClusterConfig:  # the cluster config of the last snapshot, with flags on top
-        return self.heartbeat.config
+        return self.settings.current
 
     def step(self) -> float:
         """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
@@ -200,7 +236,7 @@ class Node:
             return True
         snapshot = self.view.snapshot(tip)
         clock.lap("read")
-        self.heartbeat.config = self._with_flags(snapshot.config)
+        self.settings.update(snapshot.config)
         node_tips = {ref[len(layout.ORIGIN_NODES):]: sha for ref, sha in refs.items()
                      if ref.startswith(layout.ORIGIN_NODES)}
         nodes, lost = self.liveness.observe(self.view, node_tips, snapshot, self.heartbeat.info(),
@@ -254,11 +290,6 @@ class Node:
             log.debug("cycle %d on %s: %s", self.cycles, tip[:10], clock)
         return True
 
-    def _with_flags(self, config: ClusterConfig) -> ClusterConfig:
-        o = self.options
-        return replace(config, **{k: v for k, v in (("heartbeat", o.heartbeat), ("node_timeout", o.node_timeout),
-                                                     ("lease", o.lease), ("poll", o.poll)) if v is not None})
-
     def _spec(self, claim: Claim) -> LaunchSpec | str:
         """What the executor needs to start a claimed run, or why it cannot be started."""
         run, stage = claim.run, claim.stage
@@ -293,10 +324,10 @@ class Node:
         except Exception as exc:  # whatever it was, the run did not start: say so, do not lose the claim
             reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
             log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
-            self.journal.record(Fact("exited", claim.project, run.id, utcnow(), None, reason))
+            self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
-        self.journal.record(Fact("started", claim.project, run.id, started.started, image_digest=started.image_digest))
+        self.journal.record(Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest))
         self.wake.set()
         log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
                  f" with GPU {list(run.gpus)}" if run.gpus else "")

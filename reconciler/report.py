@@ -5,6 +5,7 @@ from typing import Callable
 
 from reconciler import layout
 from reconciler.decide import Plan
+from reconciler.facts import EXITED
 from reconciler.model import ClusterConfig, Pipeline, Status
 from reconciler.storage import LocalStorage, capped_log
 from reconciler.yamlsafe import dump_yaml
@@ -31,8 +32,9 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
     for project, (request, pipeline) in plan.locks.items():
         files[layout.lock_file(project)] = lock_file(request, pipeline, commit)
     for project, run, fact in plan.finished:
-        files[layout.log_file(project, run.id)] = mask(capped_log(storage.log_path(project, run.id),
-                                                                         config.log_head, config.log_tail))
+        if fact.kind == EXITED:
+            files[layout.log_file(project, run.id)] = mask(capped_log(storage.log_path(project, run.id),
+                                                                      config.log_head, config.log_tail))
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}

@@ -6,19 +6,14 @@ interface is small on purpose: an object store can implement it too.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from reconciler import layout
 from reconciler.errors import StorageError
 from reconciler.layout import escapes
 
-MANIFEST_MAX_FILES = 10_000
-_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,42 +65,6 @@ class LocalStorage:
             if base.is_dir():
                 found.update(entry.name for entry in base.iterdir() if entry.is_dir())
         return found
-
-    def manifest(self, project: str, run_id: str) -> dict[str, Any]:
-        """Path, size and sha256 of every file a run left in its workspace.
-
-        Symlinks are listed only when they stay inside the workspace; the
-        manifest never follows one out of it.
-        """
-        base = self.workspace(project, run_id)
-        files: list[dict[str, Any]] = []
-        total = 0
-        truncated = False
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = Path(dirpath) / name
-                target = full.resolve()
-                if base not in target.parents or not target.is_file():
-                    continue
-                if len(files) >= MANIFEST_MAX_FILES:
-                    truncated = True
-                    break
-                size, digest = hash_file(target)
-                files.append({"path": full.relative_to(base).as_posix(), "size": size, "sha256": digest})
-                total += size
-        return {"workspace": layout.workspace(project, run_id), "total_size": total,
-                "truncated": truncated, "files": files}
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def capped_log(path: Path, head: int, tail: int) -> bytes:

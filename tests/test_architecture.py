@@ -17,7 +17,7 @@ PURE = {"reconciler", "reconciler.clock", "reconciler.decide", "reconciler.error
 IO_MODULES = {"subprocess", "socket", "yaml", "docker", "psutil", "jsonschema", "jsonschema_rs", "pynvml",
               "watchfiles", "shutil", "tempfile"}
 # Modules that write to git or run stages; the read path must not bring any of them.
-WRITERS = {"reconciler.gitsync", "reconciler.node", "reconciler.pulse", "reconciler.journal", "reconciler.report",
+WRITERS = {"reconciler.gitsync", "reconciler.node", "reconciler.journal", "reconciler.report",
            "reconciler.resume", "reconciler.edit", "reconciler.storage", "reconciler.secrets", "reconciler.heartbeat",
            "reconciler.commands.change", "docker", "psutil", "pynvml"}
 

@@ -10,7 +10,8 @@ import psutil
 import pytest
 from jsonschema import Draft202012Validator
 
-from reconciler.heartbeat import LoadSampler, Nvml, node_document, read_capacity
+from reconciler.heartbeat import node_document
+from reconciler.machine import LoadSampler, Nvml, read_capacity
 from reconciler.model import Gpu, NodeInfo
 from reconciler.resources import schema_dir
 
@@ -102,7 +103,7 @@ def test_capacity_reports_cpus_memory_and_the_gpus_nvml_sees():
 def test_without_a_driver_there_are_no_gpus_and_it_is_said_once(caplog):
     nvml = Nvml(NoDriverPynvml())
 
-    with caplog.at_level(logging.INFO, logger="reconciler.heartbeat"):
+    with caplog.at_level(logging.INFO, logger="reconciler.machine"):
         capacity = read_capacity(nvml)
         sampler = LoadSampler(nvml=nvml)
         load = sampler.sample()

@@ -37,3 +37,21 @@ def test_the_same_fact_recorded_twice_is_one_fact(tmp_path: Path) -> None:
     journal.record(fact)
     journal.record(fact)
     assert journal.pending() == (fact,)
+
+
+def test_a_manifest_is_kept_beside_the_journal_and_not_rewritten_when_other_facts_settle(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    files = [{"path": f"f{i}.bin", "size": i, "sha256": "0" * 64} for i in range(5000)]
+    listed = Fact("listed", "p", "1-a-1", "t2", manifest={"files": files, "total_size": 0})
+    started = Fact("started", "p", "1-b-1", "t3")
+    journal.record(listed)
+    journal.record(started)
+    assert path.stat().st_size < 1000  # the journal line names the manifest's file instead of holding it
+    (side,) = journal.manifests.iterdir()
+    written = side.stat().st_mtime_ns
+    journal.settle({started.key})
+    assert side.stat().st_mtime_ns == written
+    assert Journal(path).pending()[0].manifest == {"files": files, "total_size": 0}
+    journal.settle({listed.key})
+    assert list(journal.manifests.iterdir()) == [] and Journal(path).pending() == ()

@@ -75,7 +75,7 @@ def test_pipeline_runs_through_gate_approved_by_merging_resume_branch(cluster, t
     assert [(r["id"], r["state"]) for r in runs] == [("1-a-1", "SUCCEEDED"), ("2-b-1", "SUCCEEDED")]
     assert runs[1]["input"] == "workspaces/p/1-a-1"
     assert "a-out" in remote.read("projects/p/logs/2-b-1.log")
-    manifest = remote.read("projects/p/results/2-b-1.yaml")
+    manifest = wait_for(lambda: remote.read("projects/p/results/2-b-1.yaml"), 15, "the result manifest")
     assert "path: b.txt" in manifest and "sha256:" in manifest
     assert (tmp_path / "storage/workspaces/p/2-b-1/b.txt").read_text() == "b-out\n"
     assert branch
@@ -187,3 +187,27 @@ def test_secrets_reach_the_stage_but_never_git(tmp_path: Path) -> None:
     history = subprocess.run(["git", "--git-dir", str(remote.remote), "log", "--all", "-p"], capture_output=True,
                              text=True).stdout
     assert "hunter2" not in history
+
+
+LOOPY = """\
+name: loopy
+stages:
+  - name: a
+    image: none
+    command: [sh, -c, 'cd "$WINSLOW_WORKSPACE" && echo data > out.txt && ln -s b a && ln -s a b']
+    lost_retries: 0
+"""
+
+
+def test_a_workspace_with_a_symlink_loop_keeps_its_exit_and_says_what_was_not_listed(cluster) -> None:
+    remote, start = cluster
+    remote.write({"pipelines/loopy.yaml": LOOPY,
+                  "projects/p/project.yaml": PROJECT.format(pipeline="loopy", request=1, state="running")})
+    start()
+    wait_for(lambda: state_of(remote, "p") == "SUCCEEDED", 30, "the stage to succeed")
+    manifest = wait_for(lambda: remote.read("projects/p/results/1-a-1.yaml"), 15, "the result manifest")
+    assert "path: out.txt" in manifest and "unlisted:" in manifest and "path: a" in manifest
+    run = wait_for(lambda: (remote.status("p")["runs"][0] if remote.status("p")["runs"][0].get("result") else None),
+                   15, "the result pointer in status")
+    assert (run["state"], run["exit_code"], run["result"]) == ("SUCCEEDED", 0, "projects/p/results/1-a-1.yaml")
+    assert any("results listed: 1 file(s), 2 could not be listed" in e["message"] for e in run["events"])

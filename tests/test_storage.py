@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import StorageError
+from reconciler.manifests import build_manifest
 from reconciler.storage import LocalStorage, capped_log, read_tail
 
 
@@ -40,7 +41,7 @@ def test_manifest_lists_every_file_with_size_and_sha256_and_skips_links_out(stor
     (tmp_path / "secret").write_text("not yours")
     os.symlink(tmp_path / "secret", workspace / "leak")
     os.symlink(workspace / "tracks.csv", workspace / "alias.csv")
-    manifest = storage.manifest("p", "1-a-1")
+    manifest = build_manifest(workspace, "workspaces/p/1-a-1")
     files = {f["path"]: f for f in manifest["files"]}
     assert set(files) == {"tracks.csv", "sub/big.bin", "alias.csv"}
     big = (workspace / "sub" / "big.bin").read_bytes()

@@ -1,0 +1,48 @@
+"""Self-fencing: a node cut off from the remote stops its own runs, and says so when they end.
+
+When a node cannot renew its heartbeat for the lease time, the others may already
+have declared it lost and started its work elsewhere. So it claims nothing new and
+stops what it runs; each run stopped that way ends LOST (the node's failure), not
+FAILED (the program's). The heartbeat thread fences, the executor's threads report
+the ends, and the cycle asks whether it may claim: one lock keeps them consistent.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable
+
+RunKey = tuple[str, str]  # (project, run id)
+
+
+class Fence:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fenced = False
+        self._stopped: set[RunKey] = set()
+
+    @property
+    def fenced(self) -> bool:
+        with self._lock:
+            return self._fenced
+
+    def cut_off(self, running: Iterable[RunKey]) -> list[RunKey]:
+        """Fence the node; the runs among `running` not stopped by fencing yet, now marked so."""
+        with self._lock:
+            self._fenced = True
+            fresh = [key for key in running if key not in self._stopped]
+            self._stopped.update(fresh)
+            return fresh
+
+    def renewed(self) -> bool:
+        """The heartbeat got through again; True when the node was fenced until now."""
+        with self._lock:
+            was, self._fenced = self._fenced, False
+            return was
+
+    def ended(self, key: RunKey) -> bool:
+        """A run ended: True when fencing stopped it (its end is LOST), and forget it."""
+        with self._lock:
+            if key in self._stopped:
+                self._stopped.discard(key)
+                return True
+            return False
