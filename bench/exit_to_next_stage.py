@@ -154,7 +154,7 @@ class Bench:
             import psutil
             for child in psutil.Process(self.node.pid).children(recursive=True):
                 self.children.setdefault(child.pid, child.create_time())
-        except Exception:  # psutil missing or the node gone: nothing to remember
+        except Exception:  # noqa: BLE001 - psutil missing or the node gone: nothing to remember
             pass
 
     def run_once(self, number: int) -> dict[str, float]:
@@ -227,7 +227,7 @@ class Bench:
                 process = psutil.Process(pid)
                 if process.create_time() == created:
                     process.kill()
-            except Exception:  # gone already, or psutil missing
+            except Exception:  # noqa: BLE001 - gone already, or psutil missing
                 pass
         if self.args.keep:
             print(f"kept: {self.root} (node log: {self.node_log})")
@@ -249,7 +249,8 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {model}, {memory:.0f} GiB memory, Linux {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} cores, {model}, {memory:.0f} GiB memory, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def report(results: list[dict[str, float]], code: str) -> None:

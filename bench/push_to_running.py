@@ -29,7 +29,8 @@ from reconciler.gitcmd import IDENTITY  # noqa: E402
 
 ENV = {**os.environ, **IDENTITY}
 IMAGE = "winslow-test/busybox:1"
-PIPELINE = f"name: quick\nstages:\n  - {{name: s, image: '{IMAGE}', command: ['true'], resources: {{cpus: 0.1, memory: 64MiB}}}}\n"
+PIPELINE = (f"name: quick\nstages:\n  - {{name: s, image: '{IMAGE}', command: ['true'], "
+            f"resources: {{cpus: 0.1, memory: 64MiB}}}}\n")
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -60,7 +61,8 @@ def ensure_image(client: docker.DockerClient) -> None:
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, git {subprocess.run(['git', '--version'], capture_output=True, text=True).stdout.split()[-1]}"
+    git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.split()[-1]
+    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, git {git_version}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,7 +113,7 @@ def main() -> None:
                 pushes.append(time.time() - began)
                 run = f"{request}-s-1"
                 with arrived:
-                    if not arrived.wait_for(lambda: run in started, timeout=30):
+                    if not arrived.wait_for(lambda run=run: run in started, timeout=30):
                         sys.exit(f"run {run} never started; see {root / 'node.log'}")
                 latencies.append(started[run] - began)
                 if args.node_log:
@@ -137,7 +139,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"trials: {len(latencies)}")
     print(f"{'measure':<34}{'median':>10}{'p95':>10}")
-    print(f"{'git push (user, local remote)':<34}{statistics.median(pushes) * 1000:>8.0f}ms{percentile(pushes, .95) * 1000:>8.0f}ms")
+    print(f"{'git push (user, local remote)':<34}{statistics.median(pushes) * 1000:>8.0f}ms"
+          f"{percentile(pushes, .95) * 1000:>8.0f}ms")
     print(f"{'raw docker run -d (busybox)':<34}{statistics.median(raw) * 1000:>8.0f}ms{percentile(raw, .95) * 1000:>8.0f}ms")
     print(f"{'floor: push + docker run':<34}{floor * 1000:>8.0f}ms")
     print(f"{'winslow: push -> container running':<34}{median * 1000:>8.0f}ms{p95 * 1000:>8.0f}ms")

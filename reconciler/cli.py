@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from reconciler import __version__
 from reconciler.commands import demo, init, logs, node, status, validate, verbs

@@ -13,14 +13,25 @@ Where a request stands is derived from its runs (`progress.py`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
 
 from reconciler import layout
 from reconciler.clock import seconds_between
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
-from reconciler.model import (SECRET_MASK, Desired, NodeInfo, Pipeline, Project, ProjectState, RequestProgress, Run,
-                              RunState, Stage, Status)
+from reconciler.model import (
+    SECRET_MASK,
+    Desired,
+    NodeInfo,
+    Pipeline,
+    Project,
+    ProjectState,
+    RequestProgress,
+    Run,
+    RunState,
+    Stage,
+    Status,
+)
 from reconciler.placement import rank, slots
 from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
 from reconciler.snapshot import ProjectEntry, Snapshot
@@ -273,7 +284,7 @@ def _listed(manifest: Mapping[str, object]) -> str:
 
 def _mark_lost(status: Status, world: World) -> Status:
     for run in status.active:
-        if run.node in world.lost:
+        if run.node is not None and run.node in world.lost:
             reason = f"node {run.node} lost: {world.lost[run.node]}"
             status = status.with_run(run.with_event(world.now, reason, state=RunState.LOST, finished=world.now,
                                                     reason=reason))
@@ -479,7 +490,7 @@ def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle
               workspace=layout.workspace(item.project, item.run_id), input=source.workspace if source else None)
     for message in events:
         run = run.with_event(now, message)
-    status = replace(status.with_run(run), state=ProjectState.RUNNING, message=f"{item.stage.name} running on {me}")
-    status = replace(status, request=replace(status.request, next=None, waiting_since=None))
+    status = replace(status.with_run(run), state=ProjectState.RUNNING, message=f"{item.stage.name} running on {me}",
+                     request=replace(status.request, next=None, waiting_since=None))
     return Outcome(item.project, status, lock=lock, claim=Claim(item.project, run, item.stage, env),
                    notes=(f"{item.project}: {item.stage.name} -> RUNNING on {me}",))

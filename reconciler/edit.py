@@ -10,7 +10,8 @@ so a splice that went wrong is an error, never a silently broken file.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -110,7 +111,8 @@ def _set_edits(text: str, path: tuple[str, ...], values: dict[str, Any]) -> list
             return [(_entries_end(text, node), _entries_end(text, node), nl + nl.join(_block_lines(rest, values, indent)))]
         parent_key, value = found
         if _is_null(value):
-            return _fill_null(text, parent_key, value, _block_lines(path[depth + 1:], values, parent_key.start_mark.column + INDENT))
+            lines = _block_lines(path[depth + 1:], values, parent_key.start_mark.column + INDENT)
+            return _fill_null(text, parent_key, value, lines)
         if not isinstance(value, yaml.MappingNode):
             raise EditError(f"'{_where(path[:depth + 1])}' is not a mapping (line {value.start_mark.line + 1})")
         node = value
@@ -223,9 +225,9 @@ def _rewrite_flow(text: str, node: yaml.MappingNode, values: Mapping[str, Any], 
     done: set[str] = set()
     for key_node, value in node.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if key in remove:
+        if key is not None and key in remove:
             continue
-        if key in values:
+        if key is not None and key in values:
             parts.append(f"{text[key_node.start_mark.index:key_node.end_mark.index]}: {render(values[key], True)}")
             done.add(key)
         else:
@@ -293,6 +295,7 @@ def _verify(before: str, after: str, path: tuple[str, ...], set_values: Mapping[
         raise EditError(f"the edit would not read back as YAML: {' '.join(str(exc).split())}") from None
     target: dict[str, Any] | None = expected
     for key in path:
+        assert target is not None
         child = target.get(key)
         if not isinstance(child, dict):
             if set_values is None:  # nothing to remove from a mapping that is not there

@@ -9,7 +9,7 @@ the ends, and the cycle asks whether it may claim: one lock keeps them consisten
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 RunKey = tuple[str, str]  # (project, run id)
 

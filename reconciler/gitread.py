@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from reconciler import layout
 from reconciler.errors import GitError

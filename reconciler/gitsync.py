@@ -14,8 +14,8 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from reconciler import layout
 from reconciler.gitcmd import git, git_env, push

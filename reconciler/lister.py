@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reconciler.clock import utcnow
 from reconciler.facts import LISTED, Fact
@@ -79,7 +80,7 @@ class Lister:
     def _list(self, project: str, run_id: str) -> None:
         try:
             manifest = self._build(project, run_id)
-        except Exception as exc:  # whatever the stage left, its exit is already recorded; say what went wrong
+        except Exception as exc:  # noqa: BLE001 - whatever the stage left, its exit is already recorded; say what went wrong
             log.warning("%s/%s: cannot list the workspace: %s", project, run_id, exc)
             manifest = {"files": [], "total_size": 0, "truncated": False,
                         "unlisted": [{"path": ".", "reason": f"the workspace could not be listed: {exc}"}]}

@@ -8,7 +8,7 @@ status but has never had a branch is lost once it stayed unseen that long.
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from reconciler.model import NodeInfo
 from reconciler.repoview import RepoView

@@ -96,9 +96,9 @@ class Nvml:
         readings = []
         for index, handle in self._handles():
             reading: dict[str, Any] = {"index": index}
-            _read(reading, "utilization", lambda: int(self._lib.nvmlDeviceGetUtilizationRates(handle).gpu))
-            _read(reading, "memory_used", lambda: int(self._lib.nvmlDeviceGetMemoryInfo(handle).used))
-            _read(reading, "temperature", lambda: int(self._lib.nvmlDeviceGetTemperature(handle, sensor)))
+            _read(reading, "utilization", lambda h=handle: int(self._lib.nvmlDeviceGetUtilizationRates(h).gpu))
+            _read(reading, "memory_used", lambda h=handle: int(self._lib.nvmlDeviceGetMemoryInfo(h).used))
+            _read(reading, "temperature", lambda h=handle: int(self._lib.nvmlDeviceGetTemperature(h, sensor)))
             readings.append(reading)
         return readings
 

@@ -6,8 +6,9 @@ and is immutable from then on. `to_dict` gives back what goes into YAML.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from reconciler.units import parse_duration, parse_size
 
@@ -478,7 +479,8 @@ class NodeInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NodeInfo:
-        capacity = data.get("capacity") if isinstance(data.get("capacity"), Mapping) else {}
+        found = data.get("capacity")
+        capacity: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
         load = data.get("load")
         return cls(
             name=data["name"], cpus=float(capacity.get("cpus", 1.0)), memory=int(capacity.get("memory", 0)),

@@ -11,9 +11,10 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reconciler import layout
 from reconciler.clock import utcnow
@@ -25,8 +26,8 @@ from reconciler.fencing import Fence
 from reconciler.gitsync import Mirror
 from reconciler.heartbeat import Heartbeat
 from reconciler.journal import Journal
-from reconciler.liveness import Liveness
 from reconciler.lister import Lister
+from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.model import ClusterConfig
 from reconciler.report import changes, message
@@ -312,7 +313,7 @@ class Node:
             if not isinstance(spec, str):
                 try:
                     self.executor.prepare(spec)
-                except Exception as exc:  # start() tries again and reports it
+                except Exception as exc:  # noqa: BLE001 - start() tries again and reports it
                     log.debug("%s/%s: prepare failed: %s", spec.project, spec.run_id, exc)
 
     def _launch(self, claim: Claim, spec: LaunchSpec | str) -> None:
@@ -321,7 +322,7 @@ class Node:
             if isinstance(spec, str):
                 raise ExecutorError(spec)
             started = self.executor.start(spec)
-        except Exception as exc:  # whatever it was, the run did not start: say so, do not lose the claim
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the run did not start: say so, do not lose the claim
             reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
             log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))

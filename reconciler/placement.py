@@ -7,8 +7,8 @@ least wins: a CPU stage goes to a node without GPUs while one is free.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
 
 from reconciler.model import ClusterConfig, NodeInfo, Run, RunState, Stage
 

@@ -1,7 +1,7 @@
 """Report: turn a plan into the files of one commit, and a message a person can read."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from reconciler import layout
 from reconciler.decide import Plan

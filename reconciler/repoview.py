@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from reconciler import layout
 from reconciler.errors import GitError, InvalidFile
@@ -173,7 +174,7 @@ class RepoView:
             return None
         try:
             return NodeInfo.from_dict(data)
-        except Exception as exc:  # another node's broken file is that node's problem, never the reader's
+        except Exception as exc:  # noqa: BLE001 - another node's broken file is that node's problem, never the reader's
             log.warning("node %s: unreadable heartbeat: %s", name, exc)
             return None
 

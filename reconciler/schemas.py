@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 try:
     import jsonschema_rs
@@ -56,7 +57,7 @@ def _fast(kind: str) -> Callable[[Any], bool] | None:
     try:
         registry = jsonschema_rs.Registry([(c["$id"], c) for c in _schemas().values()])
         return jsonschema_rs.Draft202012Validator(_schemas()[kind], registry=registry).is_valid
-    except Exception:  # an incompatible version: jsonschema alone still gives the right answer
+    except Exception:  # noqa: BLE001 - an incompatible version: jsonschema alone still gives the right answer
         return None
 
 
@@ -66,7 +67,7 @@ def _valid(kind: str, data: Any) -> bool:
         return False
     try:
         return bool(is_valid(data))
-    except Exception:  # a value it cannot take (an int too large for it): let jsonschema decide
+    except Exception:  # noqa: BLE001 - a value it cannot take (an int too large for it): let jsonschema decide
         return False
 
 
@@ -80,7 +81,8 @@ def _message(error: Any) -> str:
         return f"'{where or 'document'}' is empty"
     prefix = f"{where}: " if where else ""
     if error.validator == "pattern":
-        return f"{prefix}{_quoted(error.instance)} is not allowed here (letters, digits, '_', '.', '-'; starting with a letter or digit)"
+        return (f"{prefix}{_quoted(error.instance)} is not allowed here "
+                f"(letters, digits, '_', '.', '-'; starting with a letter or digit)")
     return prefix + error.message.replace(repr(error.instance), _quoted(error.instance), 1)
 
 

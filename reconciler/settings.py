@@ -7,8 +7,9 @@ the only writer; the heartbeat and the executor's callbacks read.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from reconciler.model import ClusterConfig
 

@@ -4,8 +4,8 @@ Plain, immutable data; building it (reading files, parsing YAML) is `state.py`'s
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from reconciler.errors import Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Status

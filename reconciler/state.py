@@ -8,11 +8,13 @@ after a commit rereads only the files that commit changed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import stat
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 from reconciler import layout
 from reconciler.errors import InvalidFile, Problem
@@ -20,7 +22,6 @@ from reconciler.model import ClusterConfig, Pipeline, Project, Status
 from reconciler.snapshot import ProjectEntry, Snapshot
 from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
 from reconciler.yamlsafe import MAX_FILE_BYTES, Document, parse_yaml
-
 
 
 class Tree(Protocol):
@@ -123,7 +124,8 @@ class StateReader:
         self._meaning: dict[tuple[object, ...], tuple[Project | None, list[Problem]]] = {}
         self.last: Snapshot | None = None
 
-    def _parse(self, tree: Tree, path: str, key: str, kind: str, reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
+    def _parse(self, tree: Tree, path: str, key: str, kind: str,
+               reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
         cache_key = (path, key, kind)
         hit = self._cache.get(cache_key)
         if hit is not None:
@@ -134,7 +136,7 @@ class StateReader:
             value, problems = None, list(exc.problems)
         except OSError as exc:
             value, problems = None, [Problem(path, 1, 1, f"cannot read: {exc.strerror or exc}")]
-        except Exception as exc:  # a model that cannot be built is that file's problem, never a crash
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be built is that file's problem, never a crash
             value, problems = None, [Problem(path, 1, 1, f"cannot use this file: {exc}")]
         parsed = _Parsed(value, problems)
         self._cache[cache_key] = parsed
@@ -154,23 +156,23 @@ class StateReader:
             config = parsed.value or config
         problems += _misplaced(entries)
         pipelines, pipeline_problems = self._pipelines(tree, entries)
-        for found in pipeline_problems.values():
-            problems += found
+        for pipeline_found in pipeline_problems.values():
+            problems += pipeline_found
         projects: dict[str, ProjectEntry] = {}
         for project_id, files in _group_projects(entries).items():
             entry, found = self._project(tree, entries, project_id, files, pipelines)
             projects[project_id] = entry
             problems += found
-        live = set(self._cache)
         current = {(p, k) for p, k in entries.items()}
-        for stale in [key for key in live if (key[0], key[1]) not in current]:
+        for stale in [key for key in self._cache if (key[0], key[1]) not in current]:
             del self._cache[stale]
-        for stale in [key for key in self._meaning if (key[0], key[1]) not in current]:
-            del self._meaning[stale]
+        for stale_meaning in [key for key in self._meaning if (key[0], key[1]) not in current]:
+            del self._meaning[stale_meaning]
         self.last = Snapshot(commit, config, pipelines, projects, tuple(sorted(problems)), len(entries), pipeline_problems)
         return self.last
 
-    def _pipelines(self, tree: Tree, entries: Mapping[str, str]) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
+    def _pipelines(self, tree: Tree, entries: Mapping[str, str]
+                   ) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
         pipelines: dict[str, Pipeline | None] = {}
         problems: dict[str, tuple[Problem, ...]] = {}
         for path in sorted(p for p in entries if p.startswith(layout.PIPELINES + "/") and p.count("/") == 1):
@@ -178,7 +180,7 @@ class StateReader:
             if path.endswith(".yml"):
                 problems[stem] = (Problem(path, 1, 1, "pipelines must be named .yaml, not .yml"),)
                 continue
-            parsed = self._parse(tree, path, entries[path], "pipeline", lambda doc, s=stem: read_pipeline(doc, s))
+            parsed = self._parse(tree, path, entries[path], "pipeline", functools.partial(read_pipeline, stem=stem))
             pipelines[stem] = parsed.value
             if parsed.problems:
                 problems[stem] = tuple(parsed.problems)

@@ -15,7 +15,6 @@ from reconciler.errors import StorageError
 from reconciler.layout import escapes
 
 
-
 @dataclass(frozen=True)
 class LocalStorage:
     """A local folder or a shared mount (NFS) at the same path on every node."""
@@ -59,7 +58,7 @@ class LocalStorage:
         return removed
 
     def projects_on_disk(self) -> set[str]:
-        found = set()
+        found: set[str] = set()
         for top in layout.PROJECT_STORAGE:
             base = self.root / top
             if base.is_dir():

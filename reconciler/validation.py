@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from reconciler.errors import Problem
 from reconciler.layout import escapes, in_workspaces_of, workspace_prefix
@@ -25,12 +26,21 @@ def is_safe_id(name: str) -> bool:
     return bool(SAFE_ID.match(name)) and name not in (".", "..")
 
 
-def _units(doc: Document, data: Any, base: tuple[object, ...], sizes: tuple[str, ...], durations: tuple[str, ...]) -> list[Problem]:
+def section(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """`data[key]` when it is a mapping, else an empty one (the schema reports the wrong type)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _units(doc: Document, data: Any, base: tuple[object, ...], sizes: tuple[str, ...],
+           durations: tuple[str, ...]) -> list[Problem]:
     """Sizes and durations that do not parse; values of a type the schema refuses are the schema's to report."""
     problems: list[Problem] = []
     if not isinstance(data, dict):
         return problems
-    for keys, parse, types in ((sizes, parse_size, (str, int)), (durations, parse_duration, (str, int, float))):
+    checks: tuple[tuple[tuple[str, ...], Callable[[Any], object], tuple[type, ...]], ...] = (
+        (sizes, parse_size, (str, int)), (durations, parse_duration, (str, int, float)))
+    for keys, parse, types in checks:
         for key in keys:
             value = data.get(key)
             if not isinstance(value, types) or isinstance(value, bool):
@@ -50,7 +60,8 @@ def read_config(doc: Document) -> tuple[ClusterConfig | None, list[Problem]]:
     if problems:
         return None, problems
     data = doc.data
-    problems += _units(doc, data.get("timeouts", {}), ("timeouts",), (), ("heartbeat", "node", "lease", "grace", "poll", "cleanup"))
+    problems += _units(doc, data.get("timeouts", {}), ("timeouts",), (),
+                       ("heartbeat", "node", "lease", "grace", "poll", "cleanup"))
     problems += _units(doc, data.get("logs", {}), ("logs",), ("head", "tail", "live_tail"), ())
     root = data.get("storage", {}).get("root")
     if root is not None and not root.startswith("/"):
@@ -100,7 +111,8 @@ def _pipeline_meaning(doc: Document, data: Mapping[str, Any], base: tuple[object
         name = stage.get("name")
         if isinstance(name, str):
             if name in seen:
-                problems.append(doc.problem(at + ("name",), f"duplicate stage name '{shorten(name)}' (also stage {seen[name] + 1})"))
+                problems.append(doc.problem(at + ("name",),
+                                            f"duplicate stage name '{shorten(name)}' (also stage {seen[name] + 1})"))
             seen.setdefault(name, i)
         problems += _units(doc, stage.get("resources"), at + ("resources",), ("memory",), ())
         problems += _units(doc, stage, at, (), ("timeout", "gate_timeout"))
@@ -120,10 +132,12 @@ def _stage_range(doc: Document, run: Mapping[str, Any], pipeline: Pipeline) -> l
     names = pipeline.stage_names
     for key in ("from", "until"):
         if key in run and isinstance(run[key], str) and run[key] not in names:
-            problems.append(doc.problem(("run", key), f"'{key}: {shorten(run[key])}' names no stage of pipeline '{pipeline.name}' (stages: {', '.join(names)})"))
+            problems.append(doc.problem(("run", key), f"'{key}: {shorten(run[key])}' names no stage of pipeline "
+                                                      f"'{pipeline.name}' (stages: {', '.join(names)})"))
     if not problems and run.get("from") in names and run.get("until") in names \
             and names.index(run["until"]) < names.index(run["from"]):
-        problems.append(doc.problem(("run", "until"), f"'until: {run['until']}' comes before 'from: {run['from']}' in pipeline '{pipeline.name}'"))
+        problems.append(doc.problem(("run", "until"), f"'until: {run['until']}' comes before 'from: {run['from']}' "
+                                                      f"in pipeline '{pipeline.name}'"))
     return problems
 
 
@@ -137,11 +151,12 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     """
     problems = []
     if not is_safe_id(project_id):
-        problems.append(doc.problem((), f"project folder '{shorten(project_id)}' is not a safe name (letters, digits, '_', '.', '-'; at most 64)"))
+        problems.append(doc.problem((), f"project folder '{shorten(project_id)}' is not a safe name "
+                                        f"(letters, digits, '_', '.', '-'; at most 64)"))
     problems += check(doc, "project")
     data = doc.data if isinstance(doc.data, dict) else {}
-    run = data.get("run") if isinstance(data.get("run"), dict) else {}
-    env = data.get("env") if isinstance(data.get("env"), dict) else {}
+    run = section(data, "run")
+    env = section(data, "env")
     name = data.get("pipeline")
     if isinstance(name, str):
         pipeline = pipelines.get(name)
@@ -163,6 +178,11 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     return (None, sorted(set(problems))) if problems else (Project.from_dict(project_id, data), [])
 
 
+def _fill(arg: str, values: Mapping[str, str]) -> str:
+    """`${VAR}` in one command argument replaced from `values` (unknown names stay)."""
+    return _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
+
+
 def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]) -> list[Problem]:
     """A project's env fills `${VAR}` in its stages' commands; the result must stay inside its mount."""
     problems = []
@@ -175,10 +195,11 @@ def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]
             mine = [name for name in _VAR.findall(arg) if name in text]
             if not mine:
                 continue
-            filled = _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
+            filled = _fill(arg, values)
             if _mount_escapes(filled):
                 what = ", ".join(f"{name}='{shorten(text[name])}'" for name in mine)
-                problems.append(doc.problem(("env", mine[0]), f"{what} makes '{shorten(arg)}' in stage '{stage.name}' leave its mount"))
+                problems.append(doc.problem(("env", mine[0]),
+                                            f"{what} makes '{shorten(arg)}' in stage '{stage.name}' leave its mount"))
     return problems
 
 
@@ -189,7 +210,8 @@ def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Pro
     for i, run in enumerate(doc.data.get("runs", [])):
         expected = Run.make_id(run["request"], run["stage"], run["attempt"])
         if run["id"] != expected:
-            problems.append(doc.problem(("runs", i, "id"), f"run id '{shorten(run['id'])}' does not match its request, stage and attempt ('{shorten(expected)}')"))
+            problems.append(doc.problem(("runs", i, "id"), f"run id '{shorten(run['id'])}' does not match its request, "
+                                                           f"stage and attempt ('{shorten(expected)}')"))
         for key in ("log", "result"):
             if run.get(key) and escapes(run[key]):
                 problems.append(doc.problem(("runs", i, key), f"path '{shorten(run[key])}' leaves the state repo"))
@@ -208,6 +230,7 @@ def read_lock(doc: Document) -> tuple[tuple[int, Pipeline] | None, list[Problem]
         problems += _not_at(_pipeline_meaning(doc, pipeline, ("pipeline",)), problems)
     if problems:
         return None, sorted(set(problems))
+    assert isinstance(pipeline, dict)  # the schema requires it
     return (int(data["request"]), Pipeline.from_dict(pipeline)), []
 
 

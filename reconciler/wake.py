@@ -54,7 +54,7 @@ class RemoteWatcher:
                                              rust_timeout=500, raise_interrupt=False):
                 log.debug("remote refs changed")
                 self.wake.set()
-        except Exception as exc:  # an unwatchable file system: fall back to polling
+        except Exception as exc:  # noqa: BLE001 - an unwatchable file system: fall back to polling
             log.warning("cannot watch %s (%s); polling every %.1fs instead", folder, exc, self.poll)
             self._poll()
 

@@ -17,12 +17,21 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
-from yaml.events import (AliasEvent, DocumentStartEvent, MappingEndEvent, MappingStartEvent, ScalarEvent,
-                         SequenceEndEvent, SequenceStartEvent, StreamEndEvent)
+from yaml.events import (
+    AliasEvent,
+    DocumentStartEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 
 from reconciler.errors import InvalidFile, Problem
 
@@ -131,7 +140,7 @@ def _construct(tag: str, value: str, mark: Any) -> tuple[Any, str | None]:
             built = constructor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         return None, f"cannot read value: {getattr(exc, 'problem', exc)}"
-    except Exception as exc:  # a date that is none, an int too long, a tag whose value does not fit it
+    except Exception as exc:  # noqa: BLE001 - a date that is none, an int too long, a tag whose value does not fit it
         return None, f"cannot read value {value[:40]!r}: {exc}"
     if isinstance(built, (_dt.datetime, _dt.date)):
         return built.isoformat(), None
@@ -244,10 +253,11 @@ class _Builder:
                     self.depth += 1
                     if self.depth > MAX_DEPTH:
                         raise self._too_deep(event.start_mark)
-                top = stack[-1] if stack else None
-                if top is not None and event.anchor is None and (top.kind is _SEQ or (top.kind <= _MERGE_MAP and top.key.__class__ is str)):
+                parent = stack[-1] if stack else None
+                if parent is not None and event.anchor is None and (
+                        parent.kind is _SEQ or (parent.kind <= _MERGE_MAP and parent.key.__class__ is str)):
                     # the common case of _open: a plain value in a mapping or list
-                    path = top.key_path if top.kind <= _MERGE_MAP else top.path + (len(top.value),)
+                    path = parent.key_path if parent.kind <= _MERGE_MAP else parent.path + (len(parent.value),)
                     self.values += 1
                     if self.values > MAX_VALUES or not raw:
                         self._count(path, counted=True)

@@ -13,7 +13,8 @@ node would push.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from reconciler.decide import Plan
 from reconciler.facts import Fact

@@ -14,16 +14,32 @@ is `gpu1`, and `laptop` is a node without GPUs.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pytest
+from statebuild import (
+    NOW,
+    T0,
+    TRACKING,
+    Repo,
+    apply,
+    base,
+    exited,
+    node,
+    pipeline,
+    project,
+    run,
+    snapshot,
+    stage,
+    started,
+    status,
+)
 
 from reconciler.decide import Me, Plan, Resume, World, decide
 from reconciler.facts import Fact
 from reconciler.model import GiB, NodeInfo
-from statebuild import (NOW, T0, TRACKING, Repo, apply, base, exited, node, pipeline, project, run, snapshot, stage,
-                        started, status)
 
 GPU1 = node("gpu1", gpus=2)
 GPU2 = node("gpu2", gpus=2)
@@ -599,6 +615,7 @@ def test_resume_branches_behind_their_project_are_pruned_by_the_first_live_node_
     repo = base() | project(pid="t", request=2) | status(pid="t", request=2, runs=[run("2-a-1", node="gpu1")])
     branches = frozenset({"resume/t/1", "resume/t/2", "resume/gone/4"})
     nodes = {"gpu1": GPU1, "laptop": LAPTOP}
-    first = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches), Me("gpu1", local_runs=frozenset({("t", "2-a-1")})))
+    first = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches),
+                   Me("gpu1", local_runs=frozenset({("t", "2-a-1")})))
     other = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches), Me("laptop"))
     assert first.stale_branches == ["resume/gone/4", "resume/t/1"] and other.stale_branches == []

@@ -8,8 +8,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -79,7 +80,8 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_files_in_nested_folders_are_listed_in_sorted_order_with_size_and_sha256(ws: Path) -> None:
-    contents = {"tracks.csv": b"1,2,3\n", "a.txt": b"a", "a/x": b"x" * 10, "a-b/y": b"", "b/c/d/e.bin": os.urandom(5 * 1024 * 1024 + 3),
+    contents = {"tracks.csv": b"1,2,3\n", "a.txt": b"a", "a/x": b"x" * 10, "a-b/y": b"",
+                "b/c/d/e.bin": os.urandom(5 * 1024 * 1024 + 3),
                 "z": b"last"}
     for rel, data in contents.items():
         (ws / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,8 @@ def test_facts_observed_while_the_remote_is_away_land_when_it_is_back(setup) -> 
 
 def test_a_deleted_project_stops_its_stage_and_its_storage_goes_after_the_grace_period(setup) -> None:
     remote, start, tmp = setup
-    forever = "name: forever\nstages:\n  - {name: s, image: none, command: [sh, -c, 'echo $$ > \"$WINSLOW_WORKSPACE/pid\"; exec sleep 300']}\n"
+    forever = ("name: forever\nstages:\n"
+               "  - {name: s, image: none, command: [sh, -c, 'echo $$ > \"$WINSLOW_WORKSPACE/pid\"; exec sleep 300']}\n")
     quick = "name: quick\nstages:\n  - {name: q, image: none, command: [sh, -c, 'echo kept > \"$WINSLOW_WORKSPACE/out\"']}\n"
     remote.write({"winslow.yaml": "version: 1\ntimeouts: {cleanup: 2s}\n", "pipelines/forever.yaml": forever,
                   "pipelines/quick.yaml": quick, "projects/gone/project.yaml": PROJECT.format(pipeline="forever"),

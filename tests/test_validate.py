@@ -226,7 +226,8 @@ def _repo_with_status(root: Path, runs: str) -> Path:
 
 
 def test_a_run_whose_request_and_attempt_are_written_as_floats_keeps_its_integer_id(tmp_path):
-    repo = _repo_with_status(tmp_path / "repo", "  - {id: 1-detect-1, request: 1.0, stage: detect, attempt: 1.0, state: RUNNING}\n")
+    repo = _repo_with_status(tmp_path / "repo",
+                             "  - {id: 1-detect-1, request: 1.0, stage: detect, attempt: 1.0, state: RUNNING}\n")
     result = winslow("validate", str(repo))
     assert (result.returncode, result.stderr) == (0, ""), result.stdout
 

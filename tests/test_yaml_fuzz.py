@@ -38,7 +38,7 @@ FEWER = settings(FUZZ, max_examples=120)
 HEX = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 # Files of the kinds the template lacks, written as a reconciler would: seeds for mutation.
 SEEDS = {
-    "projects/ulm-0812/status.yaml": f"""\
+    "projects/ulm-0812/status.yaml": """\
 state: WAITING
 message: waiting for approval after detect
 observed_request: 1
@@ -49,7 +49,7 @@ request:
   step: false
   next: cleanup
   since: '2024-05-01T10:00:00+00:00'
-  env: {{VIDEO: ulm/DJI_0001.MP4}}
+  env: {VIDEO: ulm/DJI_0001.MP4}
 updated: '2024-05-01T12:00:00+00:00'
 runs:
   - id: 1-detect-1
@@ -64,7 +64,7 @@ runs:
     log: projects/ulm-0812/logs/1-detect-1.log
     result: projects/ulm-0812/results/1-detect-1.yaml
     events:
-      - {{time: '2024-05-01T10:00:01+00:00', message: claimed by gpu-box-1}}
+      - {time: '2024-05-01T10:00:01+00:00', message: claimed by gpu-box-1}
 """,
     "projects/ulm-0812/pipeline.lock.yaml": """\
 request: 1

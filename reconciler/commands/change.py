@@ -8,9 +8,10 @@ really on origin and two bumps never conflict.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from reconciler import layout
 from reconciler.commands.clone import MAIN, TRIES, Clone, local_projects, no_project, pull, require_main
@@ -18,7 +19,7 @@ from reconciler.edit import set_env, set_fields
 from reconciler.errors import ConfigError, GitError, InvalidFile, PushRejected
 from reconciler.gitcmd import push
 from reconciler.model import Pipeline
-from reconciler.validation import is_safe_id, read_lock, read_pipeline, read_project
+from reconciler.validation import is_safe_id, read_lock, read_pipeline, read_project, section
 from reconciler.yamlsafe import parse_yaml
 
 
@@ -90,8 +91,8 @@ def commit_change(clone: Clone, project: str, plan: Plan) -> str | None:
         text = path.read_bytes().decode("utf-8")
         data = parse_yaml(text.encode("utf-8"), rel).data
         data = data if isinstance(data, dict) else {}
-        run = data.get("run") if isinstance(data.get("run"), dict) else {}
-        env = data.get("env") if isinstance(data.get("env"), dict) else {}
+        run = section(data, "run")
+        env = section(data, "env")
         pipeline = _load_pipeline(clone.root, data["pipeline"]) if isinstance(data.get("pipeline"), str) else None
         change = plan(run, env, pipeline)
         if all(run.get(k) == v for k, v in change.run.items()) and all(env.get(k) == v for k, v in change.env.items()):

@@ -10,14 +10,14 @@ import argparse
 import difflib
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from reconciler.errors import ConfigError, GitError
-from reconciler.layout import MAIN, MAIN_REFSPEC, NODES_REFSPEC, ORIGIN_MAIN, PROJECT_FILE, PROJECTS, project_file
 from reconciler.gitcmd import IDENTITY, git, git_env, has_identity
 from reconciler.gitread import GitReader
+from reconciler.layout import MAIN, PROJECT_FILE, PROJECTS, project_file
 from reconciler.repoview import RepoView
 from reconciler.validation import is_safe_id
 

@@ -64,7 +64,7 @@ def choose_executor(wanted: str) -> tuple[str, str]:
 
         client = docker.from_env(timeout=10)
         client.ping()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - docker-py raises many kinds when no engine answers
         if wanted == "docker":
             raise ConfigError(f"no Docker engine answers ({type(exc).__name__}); try --executor process") from None
         return "process", "host processes: no Docker engine answers here"
@@ -76,7 +76,7 @@ def choose_executor(wanted: str) -> tuple[str, str]:
     try:
         client.images.pull(PULLABLE).tag(IMAGE)
         return "docker", f"Docker containers (image {IMAGE}, pulled from {PULLABLE})"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a pull fails in many ways; any of them means no image
         if wanted == "docker":
             raise ConfigError(f"Docker answers but has no image {IMAGE} and cannot pull {PULLABLE}: {exc}") from None
         return "process", f"host processes: Docker answers, but has no {IMAGE} image and cannot pull {PULLABLE}"

@@ -128,6 +128,7 @@ def run_logs(args: argparse.Namespace) -> int:
             online = fetch(clone, MAIN_REFSPEC, NODES_REFSPEC, warn=online)  # warn once, keep trying
             last, run = run, _read_status(view, args.project).run(run.id)
         if run is None:
+            assert last is not None
             raise ConfigError(f"run {last.id} is gone from {layout.status_file(args.project)}")
         final = _final_log(view, args.project, run)
         if final is None:

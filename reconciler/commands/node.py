@@ -59,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if args.executor == "docker":
         _check_docker()
     node = Node(options)
-    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set() or node.wake.set())
+    def stop(*_: object) -> None:
+        node.stopping.set()
+        node.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         node.run_forever()
     except KeyboardInterrupt:
@@ -72,5 +76,5 @@ def _check_docker() -> None:
         import docker
 
         docker.from_env(timeout=5).ping()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - docker-py raises many kinds when no engine answers
         raise ConfigError(f"no Docker engine answers ({type(exc).__name__}); start dockerd or use --executor process") from None

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from reconciler.clock import parse_time
 from reconciler.commands.clone import add_verb, check_name, fetch, no_project, open_clone
@@ -52,7 +53,8 @@ def _age(seconds: float | None) -> str:
 
 def _latest(status: Status) -> Run | None:
     running = [r for r in status.runs if r.state is RunState.RUNNING]
-    return (running or list(status.runs) or [None])[-1]
+    candidates = running or list(status.runs)
+    return candidates[-1] if candidates else None
 
 
 def _state(entry: ProjectEntry) -> str:
@@ -167,6 +169,7 @@ def run_status(args: argparse.Namespace) -> int:
         view.close()
     now = datetime.now(timezone.utc)
     if args.project:
+        assert entry is not None
         data = detail(entry, now)
         if args.json:
             print(json.dumps(dict(data, source=source), indent=2))

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from reconciler.commands.change import Change, check_stage, commit_change
 from reconciler import layout
-from reconciler.commands.clone import (MAIN, TRIES, Clone, add_verb, check_name, local_projects, no_project,
-                                       open_clone, pull, require_main)
+from reconciler.commands.change import Change, check_stage, commit_change
+from reconciler.commands.clone import (
+    MAIN,
+    TRIES,
+    Clone,
+    add_verb,
+    check_name,
+    local_projects,
+    no_project,
+    open_clone,
+    pull,
+    require_main,
+)
 from reconciler.errors import ConfigError, GitError, PushRejected
 from reconciler.gitcmd import push
 from reconciler.model import Pipeline

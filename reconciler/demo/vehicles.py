@@ -28,9 +28,10 @@ import random
 import struct
 import sys
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from statistics import NormalDist
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 Log = Callable[[str], None]
 DIRECTIONS = ("eastbound", "westbound", "southbound", "northbound")
@@ -177,7 +178,7 @@ class Vehicle(NamedTuple):
     speed: float  # pixels per second
     enter: float  # seconds: when its front edge reaches the edge of the frame
 
-    def centre(self, layout: Layout, t: float) -> Tuple[float, float]:
+    def centre(self, layout: Layout, t: float) -> tuple[float, float]:
         along = -self.length / 2 + self.speed * (t - self.enter)
         lane = layout.lane(self.direction)
         if self.direction == "eastbound":
@@ -188,7 +189,7 @@ class Vehicle(NamedTuple):
             return lane, along
         return lane, layout.height - along
 
-    def rect(self, layout: Layout, t: float) -> Tuple[int, int, int, int]:
+    def rect(self, layout: Layout, t: float) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), end-exclusive and not clipped to the frame."""
         cx, cy = self.centre(layout, t)
         w, h = (self.length, self.breadth) if self.direction in ("eastbound", "westbound") else (self.breadth, self.length)
@@ -196,7 +197,7 @@ class Vehicle(NamedTuple):
         return x0, y0, x0 + w, y0 + h
 
 
-def _clip(rect: Tuple[int, int, int, int], layout: Layout) -> Tuple[int, int, int, int]:
+def _clip(rect: tuple[int, int, int, int], layout: Layout) -> tuple[int, int, int, int]:
     x0, y0, x1, y1 = rect
     return max(0, x0), max(0, y0), min(layout.width, x1), min(layout.height, y1)
 
@@ -239,7 +240,7 @@ def _noise_table(sigma: float = 3.5) -> bytes:
     return bytes(NOISE_MAX + max(-NOISE_MAX, min(NOISE_MAX, round(normal.inv_cdf((u + 0.5) / 256)))) for u in range(256))
 
 
-def _visible(rect: Tuple[int, int, int, int], layout: Layout) -> bool:
+def _visible(rect: tuple[int, int, int, int], layout: Layout) -> bool:
     x0, y0, x1, y1 = _clip(rect, layout)
     return x0 < x1 and y0 < y1
 
@@ -254,12 +255,12 @@ def _collide(a: Vehicle, b: Vehicle, layout: Layout, frames: int, fps: float, ga
     return False
 
 
-def plan_vehicles(layout: Layout, count: int, frames: int, fps: float, rng: random.Random, log: Log = say) -> List[Vehicle]:
+def plan_vehicles(layout: Layout, count: int, frames: int, fps: float, rng: random.Random, log: Log = say) -> list[Vehicle]:
     """Random vehicles, each in view for at least two seconds, none touching another in view:
     traffic keeps its distance and gives way at the crossing, so every vehicle is one blob."""
     duration = frames / fps
     min_visible = min(2.0, duration / 3)
-    planned: List[Vehicle] = []
+    planned: list[Vehicle] = []
     for index in range(count):
         truck = index % 5 == 0
         length, breadth = (24, 8) if truck else (12, 6)
@@ -279,9 +280,9 @@ def plan_vehicles(layout: Layout, count: int, frames: int, fps: float, rng: rand
     return planned
 
 
-def _visibility(vehicle: Vehicle, layout: Layout, frames: int, fps: float) -> Dict[str, Optional[List[int]]]:
-    seen: List[int] = []
-    whole: List[int] = []
+def _visibility(vehicle: Vehicle, layout: Layout, frames: int, fps: float) -> dict[str, list[int] | None]:
+    seen: list[int] = []
+    whole: list[int] = []
     for f in range(frames):
         rect = vehicle.rect(layout, f / fps)
         if _visible(rect, layout):
@@ -373,7 +374,7 @@ def estimate_background(path: Path, samples: int = 15, log: Log = say) -> bytes:
     return bytes(sorted(column)[middle] for column in zip(*picked))
 
 
-def find_blobs(luma: bytes, low: bytes, high: bytes, width: int, min_area: int) -> List[Blob]:
+def find_blobs(luma: bytes, low: bytes, high: bytes, width: int, min_area: int) -> list[Blob]:
     """Connected regions (4-neighbours) of pixels outside [low, high], by iterative flood fill."""
     foreground = {i for i, v, lo, hi in zip(range(len(luma)), luma, low, high) if v < lo or v > hi}
     blobs = []
@@ -403,7 +404,7 @@ def write_pgm(path: Path, width: int, height: int, luma: bytes) -> None:
     path.write_bytes(b"P5\n%d %d\n255\n" % (width, height) + luma)
 
 
-def read_pgm(path: Path) -> Tuple[int, int, bytes]:
+def read_pgm(path: Path) -> tuple[int, int, bytes]:
     data = path.read_bytes()
     parts = data.split(maxsplit=4)
     if len(parts) < 5 or parts[0] != b"P5" or parts[3] != b"255":
@@ -463,11 +464,11 @@ class _Track:
 
     def __init__(self, first: Point) -> None:
         self.points = [first]
-        self.vx: Optional[float] = None
-        self.vy: Optional[float] = None
+        self.vx: float | None = None
+        self.vy: float | None = None
         self.missed = 0
 
-    def predict(self, frame: int) -> Tuple[float, float]:
+    def predict(self, frame: int) -> tuple[float, float]:
         last = self.points[-1]
         if self.vx is None or self.vy is None:
             return last.x, last.y
@@ -486,8 +487,8 @@ class _Track:
         self.missed = 0
 
 
-def link_tracks(by_frame: Dict[int, List[Point]], frames: int, width: float, height: float,
-                max_distance: float = 15.0, max_missed: int = 5, min_length: int = 5) -> List[List[Point]]:
+def link_tracks(by_frame: dict[int, list[Point]], frames: int, width: float, height: float,
+                max_distance: float = 15.0, max_missed: int = 5, min_length: int = 5) -> list[list[Point]]:
     """Greedy nearest-neighbour linking against each track's predicted position.
 
     The gate is ``max_distance`` around the prediction, twice that for a track of one
@@ -497,8 +498,8 @@ def link_tracks(by_frame: Dict[int, List[Point]], frames: int, width: float, hei
     fewer than ``min_length`` detections are dropped as noise; the rest come back ordered
     by their start.
     """
-    active: List[_Track] = []
-    finished: List[_Track] = []
+    active: list[_Track] = []
+    finished: list[_Track] = []
     for frame in range(frames):
         points = by_frame.get(frame, [])
         predicted = []
@@ -545,7 +546,7 @@ def _read_json(path: Path, needed: Sequence[str]) -> dict:
     return data
 
 
-def _read_points(path: Path, id_column: Optional[str]) -> List[Tuple[int, Point]]:
+def _read_points(path: Path, id_column: str | None) -> list[tuple[int, Point]]:
     """Rows of a CSV with frame, x, y (and an id column): [(id, point)], validated."""
     columns = ["frame", "x", "y"] + ([id_column] if id_column else [])
     try:
@@ -573,7 +574,7 @@ def track(input_dir: Path, workspace: Path, max_distance: float = 15.0, max_miss
         raise DemoError("need max distance > 0, max missed >= 0, min length >= 1")
     meta = _read_json(input_dir / "detect.json", ("frames", "fps", "width", "height"))
     rows = _read_points(input_dir / "detections.csv", None)
-    by_frame: Dict[int, List[Point]] = {}
+    by_frame: dict[int, list[Point]] = {}
     for _, point in rows:
         by_frame.setdefault(point.frame, []).append(point)
     frames = max([int(meta["frames"])] + [f + 1 for f in by_frame])
@@ -633,7 +634,8 @@ def direction_of(vx: float, vy: float, still_below: float = 2.0) -> str:
 def measure(vehicle: int, points: Sequence[Point], fps: float, width: int, height: int, edge_margin: float = 16) -> VehicleStats:
     """Velocity from a line fit over the points away from the frame's edges, where a
     vehicle only partly in view has its centroid pulled inwards."""
-    inner = [p for p in points if edge_margin <= p.x <= width - 1 - edge_margin and edge_margin <= p.y <= height - 1 - edge_margin]
+    inner = [p for p in points
+             if edge_margin <= p.x <= width - 1 - edge_margin and edge_margin <= p.y <= height - 1 - edge_margin]
     fit = inner if len(inner) >= 3 else list(points)
     ts = [p.frame / fps for p in fit]
     vx, vy = _slope(ts, [p.x for p in fit]), _slope(ts, [p.y for p in fit])
@@ -655,7 +657,7 @@ def encode_png(width: int, height: int, rgb: bytes) -> bytes:
 class Canvas:
     """An RGB image to draw lines and dots on."""
 
-    def __init__(self, width: int, height: int, rgb: Optional[bytes] = None) -> None:
+    def __init__(self, width: int, height: int, rgb: bytes | None = None) -> None:
         self.width, self.height = width, height
         self.pixels = bytearray(rgb) if rgb is not None else bytearray(b"\x1e\x1e\x22" * (width * height))
 
@@ -687,7 +689,7 @@ class Canvas:
         return encode_png(self.width, self.height, bytes(self.pixels))
 
 
-def _road_picture(background: Path, width: int, height: int, scale: int, log: Log) -> Optional[bytes]:
+def _road_picture(background: Path, width: int, height: int, scale: int, log: Log) -> bytes | None:
     """The background estimate, dimmed and enlarged ``scale`` times, as RGB; None if unusable."""
     if not background.is_file():
         return None
@@ -717,11 +719,11 @@ def _colour(index: int) -> bytes:
 
 
 def draw_trajectories(tracks: Sequence[Sequence[Point]], stats: Sequence[VehicleStats], width: int, height: int,
-                      road: Optional[bytes], scale: int) -> Canvas:
+                      road: bytes | None, scale: int) -> Canvas:
     """Each track as a coloured polyline from a square dot (start) to an arrowhead (end)."""
     canvas = Canvas(width * scale, height * scale, road)
 
-    def at(p: Point) -> Tuple[int, int]:
+    def at(p: Point) -> tuple[int, int]:
         return round((p.x + 0.5) * scale), round((p.y + 0.5) * scale)
 
     for index, (points, stat) in enumerate(zip(tracks, stats)):
@@ -734,7 +736,8 @@ def draw_trajectories(tracks: Sequence[Sequence[Point]], stats: Sequence[Vehicle
         tip_x, tip_y = ends[-1]
         for side in (-1, 1):
             back = heading + math.pi + side * math.radians(30)
-            canvas.line(tip_x, tip_y, round(tip_x + 6 * scale * math.cos(back)), round(tip_y + 6 * scale * math.sin(back)), colour, scale)
+            end_x, end_y = round(tip_x + 6 * scale * math.cos(back)), round(tip_y + 6 * scale * math.sin(back))
+            canvas.line(tip_x, tip_y, end_x, end_y, colour, scale)
     return canvas
 
 
@@ -745,7 +748,7 @@ def analyse(input_dir: Path, workspace: Path, metres_per_pixel: float = 0.1, edg
         raise DemoError(f"metres per pixel must be positive, not {metres_per_pixel}")
     meta = _read_json(input_dir / "track.json", ("fps", "width", "height"))
     fps, width, height = float(meta["fps"]), int(meta["width"]), int(meta["height"])
-    by_id: Dict[int, List[Point]] = {}
+    by_id: dict[int, list[Point]] = {}
     for track_id, point in _read_points(input_dir / "tracks.csv", "track_id"):
         by_id.setdefault(track_id, []).append(point)
     tracks = [sorted(points) for _, points in sorted(by_id.items())]
@@ -791,14 +794,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _folder(value: Optional[str], env: str, flag: str) -> Path:
+def _folder(value: str | None, env: str, flag: str) -> Path:
     value = value or os.environ.get(env)
     if not value:
         raise DemoError(f"no folder given: set {env} or pass {flag}")
     return Path(value)
 
 
-def find_video(resources: Path, name: Optional[str]) -> Path:
+def find_video(resources: Path, name: str | None) -> Path:
     """``resources/name`` when a name is given, else the first .y4m under resources."""
     if name:
         return resources / name
@@ -879,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
