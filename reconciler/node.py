@@ -214,7 +214,9 @@ class Node:
                 return 2.0
             if landed:
                 break
-            time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # the race was lost: fetch the winner's tip
+            # The race was lost: back off a little (a stop ends the wait), then fetch the winner's tip.
+            if self.stopping.wait(random.uniform(0, 0.02 * (attempt + 1))):
+                return 0.0
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
