@@ -21,7 +21,7 @@ from reconciler.executors.base import (
     ExitInfo,
     LaunchSpec,
 )
-from reconciler.executors.docker import DockerExecutor, container_name
+from reconciler.executors.docker import LABEL_TIMEOUT, DockerExecutor, container_name
 
 pytestmark = pytest.mark.docker
 
@@ -328,6 +328,20 @@ def test_container_created_but_never_started_is_reported_as_such(make_executor, 
     assert (info.run_id, info.exit_code) == ("3-detect-1", None)
     assert info.reason == "the container was created but never started"
     wait_until(lambda: not containers_of(docker_client, node), what="container removed after its report")
+
+
+def test_a_container_that_ended_past_its_timeout_while_nobody_watched_keeps_its_own_exit(make_executor, node,
+                                                                                         docker_client):
+    labels = {LABEL_PROJECT: "ulm-0812", LABEL_RUN: "3-detect-1", LABEL_NODE: node.name, LABEL_STAGE: "detect",
+              LABEL_TIMEOUT: "0.001"}
+    container = docker_client.containers.run(node.image, ["sh", "-c", "exit 5"], labels=labels, detach=True)
+    assert container.wait(timeout=EXIT_WAIT_S)["StatusCode"] == 5
+
+    run, exits = make_executor()
+    run.running()  # adopts it: its deadline passed long ago, but it ended on its own
+
+    info = exits.next()
+    assert (info.run_id, info.exit_code, info.reason) == ("3-detect-1", 5, None)
 
 
 def test_running_out_of_memory_is_named_as_the_reason(executor, node):

@@ -1,6 +1,7 @@
 """The process executor runs real stages on this machine and reports each exit exactly once."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -8,9 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -282,6 +284,18 @@ def test_a_closed_executor_starts_nothing(executor, make_spec):
         executor.start(make_spec("true"))
 
 
+def test_close_ends_the_watchers_and_the_stage_goes_on(make_spec, state_dir):
+    executor = ProcessExecutor(NODE, Exits(), state_dir)
+    spec = make_spec("sleep", "60")
+    executor.start(spec)
+    pid = json.loads(records(state_dir)[0].read_text())["pid"]
+
+    executor.close()
+
+    assert [t for t in threading.enumerate() if t.name == f"winslow-process-{spec.run_id}"] == []
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # the next executor adopts it
+
+
 def _gated_stage(make_spec: Callable[..., LaunchSpec], code: int) -> LaunchSpec:
     """A stage that runs until a file named `go` appears in its workspace, then exits with `code`."""
     return make_spec("sh", "-c", f"while [ ! -f go ]; do sleep 0.05; done; echo finished; exit {code}")
@@ -308,6 +322,37 @@ def test_a_new_executor_adopts_a_running_stage_and_reports_its_real_exit_code(ma
     wait_until(lambda: records(state_dir) == [])
     first_exits.assert_none()
     second_exits.assert_none()
+
+
+@pytest.mark.parametrize("pidfd", ["available", "missing"])
+def test_an_adopted_stage_is_waited_for_through_its_pidfd_or_polled_without_one(make_spec, state_dir, monkeypatch,
+                                                                                 pidfd):
+    first = ProcessExecutor(NODE, Exits(), state_dir)
+    spec = _gated_stage(make_spec, 3)
+    first.start(spec)
+    pid = json.loads(records(state_dir)[0].read_text())["pid"]
+    first.close()
+    opened: list[int] = []
+    real_pidfd_open = os.pidfd_open
+
+    def pidfd_open(target: int, flags: int = 0) -> int:
+        opened.append(target)
+        if pidfd == "missing":
+            raise OSError(errno.ENOSYS, "pidfd_open")  # an old kernel
+        return real_pidfd_open(target, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", pidfd_open)
+    exits = Exits()
+    second = ProcessExecutor(NODE, exits, state_dir)
+    try:
+        assert [r.run_id for r in second.running()] == [spec.run_id]
+        (spec.workspace_dir / "go").touch()
+        info = exits.next()
+    finally:
+        second.close()
+
+    assert (info.exit_code, info.reason) == (3, None)
+    assert opened == [pid]
 
 
 def test_an_adopted_stage_can_be_stopped_with_its_reason(make_spec, state_dir):

@@ -6,11 +6,13 @@ runs it has going so that a restarted node can adopt them.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
+
+from reconciler.errors import ExecutorError
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -30,10 +32,6 @@ def cluster_id(repo_url: str) -> str:
     if "://" not in local and os.path.exists(local):
         local = os.path.realpath(local)
     return hashlib.sha256(local.rstrip("/").encode()).hexdigest()[:16]
-
-
-def utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -135,3 +133,16 @@ def stage_env(spec: LaunchSpec, resources: str, input_dir: str | None, workspace
 def expand(command: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
     """Replace `${VAR}` in each argument from the stage's environment (unknown names stay)."""
     return [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), arg) for arg in command]
+
+
+def make_folders(spec: LaunchSpec, node: str, *more: Path) -> None:
+    """Create the run's workspace and log folder (and `more`) on the node; its input must exist already."""
+    if spec.input_dir is not None and not Path(spec.input_dir).is_dir():
+        raise ExecutorError(
+            f"input folder {Path(spec.input_dir).absolute()} of run {spec.run_id} does not exist on {node}"
+        )
+    try:
+        for folder in (Path(spec.workspace_dir), Path(spec.log_path).parent, *more):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExecutorError(f"cannot prepare the folders of run {spec.run_id} on {node}: {exc}") from exc

@@ -6,8 +6,8 @@ output goes straight to its log file, so logs keep flowing if the reconciler die
 
 Per run, a JSON record in `state_dir/<project>/<run>.json` (pid, process group,
 process create time, log path, timeout) lets a restarted reconciler find its runs
-again: `running()` adopts those still alive and reports those that ended while
-nobody watched, each with the real exit code from the wrapper's exit-code file.
+again: it adopts those still alive and reports those that ended while nobody
+watched, each with the real exit code from the wrapper's exit-code file.
 
 The process executor does not enforce a stage's `cpus` or `memory`, and it ignores
 `image`: the program runs with the node's own environment plus the stage's. GPUs
@@ -27,77 +27,59 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from reconciler.clock import format_time, utcnow
 from reconciler.errors import ExecutorError
-from reconciler.executors.base import (
-    ExitCallback,
-    ExitInfo,
-    LaunchSpec,
-    RunningInfo,
-    StartInfo,
-    expand,
-    stage_env,
-    utcnow,
-)
-from reconciler.units import format_duration
+from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, expand, make_folders, stage_env
+from reconciler.executors.tracker import STOP_GRACE_S, WAKE_S, Ended, Found, RunTracker, already_running
+
+__all__ = ["POLL_S", "READY_TIMEOUT_S", "STOP_GRACE_S", "UNKNOWN_EXIT", "ProcessEngine", "ProcessExecutor"]
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 10.0
-ADOPTED_POLL_S = 0.5  # only for processes of an earlier reconciler: they cannot be waited for
+POLL_S = 0.5  # how often a process is looked at where the kernel gives no pidfd to wait on
 UNKNOWN_EXIT = "exit code unknown (the stage outlived a reconciler restart)"
-_JOIN_TIMEOUT_S = 2.0
 _CREATE_TIME_TOLERANCE_S = 0.05
 _WRAPPER = Path(__file__).resolve().with_name("_wrap.py")
 
 
 @dataclass(eq=False)
-class _Watch:
-    """One run this executor follows, from start (or adoption) to its exit report."""
+class _Process:
+    """One run's wrapper process: a child of this executor, or one adopted from an earlier reconciler."""
 
     project: str
     run_id: str
     pid: int
     pgid: int
-    started: str | None
     record: Path
     exit_file: Path
-    popen: subprocess.Popen[bytes] | None = None  # a child of this executor
-    process: psutil.Process | None = None  # adopted: started by an earlier reconciler
-    gone: bool = False  # adopted after it had already ended
-    stop_reason: str | None = None
-    stopping: bool = False
-    timer: threading.Timer | None = None
-    thread: threading.Thread | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    reported: bool = False  # the exit reached on_exit: until then the run counts as running
+    popen: subprocess.Popen[bytes] | None = None  # a child: waited for, reaped
+    process: psutil.Process | None = None  # adopted: not our child, watched through its pidfd
+    # Neither: adopted after it had already ended.
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.project, self.run_id)
+    def __str__(self) -> str:
+        return f"pid={self.pid}"
 
-    def describe(self) -> str:
-        return f"project={self.project} run={self.run_id} pid={self.pid}"
+    def ended(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is not None  # reaps it
+        return not _alive(self.process)
 
 
-class ProcessExecutor:
+class ProcessEngine:
+    """Starts, waits for, stops and lists the stage processes of one node."""
+
     name = "process"
 
-    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path) -> None:
+    def __init__(self, node: str, state_dir: Path) -> None:
         self.node = node
-        self._on_exit = on_exit
         self._state_dir = Path(state_dir)
-        self._lock = threading.Lock()
-        self._watches: dict[tuple[str, str], _Watch | None] = {}  # None: being started
-        self._closing = threading.Event()
-
-    # -- the Executor interface ------------------------------------------------
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Nothing to prepare: a process starts in a few milliseconds."""
@@ -105,65 +87,71 @@ class ProcessExecutor:
     def discard(self, project: str, run_id: str) -> None:
         """Nothing was prepared."""
 
-    def start(self, spec: LaunchSpec) -> StartInfo:
-        if self._closing.is_set():
-            raise ExecutorError(f"cannot start run {spec.run_id} of {spec.project}: the executor is closed")
+    def spawn(self, spec: LaunchSpec) -> tuple[_Process, StartInfo]:
         record = self._record_path(spec.project, spec.run_id)
-        key = (spec.project, spec.run_id)
-        with self._lock:
-            if key in self._watches or record.exists():
-                raise ExecutorError(f"run {spec.run_id} of {spec.project} is already running on {self.node}")
-            self._watches[key] = None  # keeps running() from adopting the half-started run
+        if record.exists():  # an earlier reconciler's run, not adopted yet
+            raise already_running(spec.project, spec.run_id, self.node)
+        return self._launch(spec, record)
+
+    def wait(self, run: _Process, closing: threading.Event) -> Ended | None:
+        if run.popen is None and run.process is None:
+            finished = _mtime_iso(run.exit_file) or utcnow()
+        elif _await_end(run, closing):
+            finished = utcnow()
+        else:
+            return None
+        returncode = _read_exit_code(run.exit_file)  # the program's own, where the wrapper could leave it
+        if returncode is None and run.popen is not None:
+            returncode = run.popen.returncode
+        return _ended(returncode, finished)
+
+    def stop(self, run: _Process, grace: float) -> None:
+        """TERM through the wrapper, which relays it to the group once; KILL the group after the grace."""
         try:
-            watch = self._launch(spec, record)
-        except BaseException:
-            with self._lock:
-                self._watches.pop(key, None)
-            raise
-        log.info("process started: node=%s %s command=%s", self.node, watch.describe(), spec.command[0])
-        self._follow(watch, spec.timeout, time.monotonic())
-        return StartInfo(started=watch.started or utcnow())
-
-    def stop(self, project: str, run_id: str, reason: str) -> None:
-        with self._lock:
-            watch = self._watches.get((project, run_id))
-        if watch is None:
-            watch = self._adopt_run(project, run_id)
-        if watch is None:
+            if run.popen is not None:
+                run.popen.send_signal(signal.SIGTERM)  # a no-op once reaped: no stray pid is hit
+            elif run.process is not None:
+                run.process.send_signal(signal.SIGTERM)  # psutil checks the pid was not reused
+            else:
+                return
+        except (psutil.NoSuchProcess, ProcessLookupError):
             return
-        self._terminate(watch, reason)
+        except (psutil.AccessDenied, PermissionError) as exc:
+            raise ExecutorError(f"cannot stop run {run.run_id} of {run.project} on {self.node}: {exc}") from exc
+        escalate = threading.Timer(grace, _kill_group, args=(run.pgid, signal.SIGKILL))
+        escalate.daemon = True
+        escalate.start()
 
-    def running(self) -> list[RunningInfo]:
-        for record in self._records():
-            data = _load_record(record)
-            if data is None:
-                continue
-            with self._lock:
-                known = (data["project"], data["run_id"]) in self._watches
-            if not known:
-                self._adopt(data, record)
-        with self._lock:
-            watches = [w for w in self._watches.values() if w is not None]
-        return [RunningInfo(w.project, w.run_id, w.started)
-                for w in watches if not w.reported]
+    def runs(self) -> list[tuple[str, str]]:
+        try:
+            return [(record.parent.name, record.stem) for record in sorted(self._state_dir.glob("*/*.json"))]
+        except OSError as exc:
+            raise ExecutorError(f"cannot read the run records in {self._state_dir} on {self.node}: {exc}") from exc
 
-    def close(self) -> None:
-        """Stop watching; the processes keep running and a later executor adopts them."""
-        self._closing.set()
-        with self._lock:
-            watches = [w for w in self._watches.values() if w is not None]
-        for watch in watches:
-            if watch.timer is not None:
-                watch.timer.cancel()
-        # Watchers of children stay blocked in wait() (daemon threads) and only reap; pollers end now.
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        for watch in watches:
-            if watch.thread is not None and watch.popen is None:
-                watch.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    def adopt(self, project: str, run_id: str) -> Found[_Process] | None:
+        record = self._record_path(project, run_id)
+        data = _load_record(record)
+        if data is None:
+            return None
+        pid = int(data["pid"])
+        process = _same_process(pid, float(data["create_time"]))
+        exit_file = Path(data.get("exit_file") or record.with_name(f"{run_id}.exit"))
+        run = _Process(project, run_id, pid, int(data.get("pgid", pid)), record, exit_file, process=process)
+        timeout = data.get("timeout")
+        elapsed = max(0.0, time.time() - float(data.get("started_epoch") or time.time()))
+        if process is None:
+            return Found(run, data.get("started"), "ended")
+        return Found(run, data.get("started"), "running", None if timeout is None else float(timeout), elapsed)
+
+    def release(self, run: _Process) -> None:
+        _remove(run.record, run.exit_file)
+
+    def interrupt(self, run: _Process) -> None:
+        """Nothing to do: a wait looks at `closing` at least every WAKE_S."""
 
     # -- starting ----------------------------------------------------------------
 
-    def _launch(self, spec: LaunchSpec, record: Path) -> _Watch:
+    def _launch(self, spec: LaunchSpec, record: Path) -> tuple[_Process, StartInfo]:
         env = self._environment(spec)
         command = expand(spec.command, env)
         if not command:
@@ -171,17 +159,21 @@ class ProcessExecutor:
         workspace = Path(spec.workspace_dir).absolute()
         log_path = Path(spec.log_path).absolute()
         exit_file = record.with_name(f"{spec.run_id}.exit")
-        self._prepare(spec, workspace, log_path, record, exit_file)
+        make_folders(spec, self.node, record.parent)
+        try:
+            exit_file.unlink(missing_ok=True)  # an earlier attempt's exit code must not pass for this one's
+        except OSError as exc:
+            raise ExecutorError(f"cannot remove {exit_file} on {self.node}: {exc}") from exc
         read_fd, write_fd = os.pipe()
         try:
-            popen = self._spawn(spec, command, env, workspace, log_path, exit_file, write_fd)
+            popen = self._popen(spec, command, env, workspace, log_path, exit_file, write_fd)
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
         started = utcnow()
-        watch = _Watch(spec.project, spec.run_id, popen.pid, popen.pid, started, record, exit_file, popen=popen)
+        run = _Process(spec.project, spec.run_id, popen.pid, popen.pid, record, exit_file, popen=popen)
         try:
             _write_record(record, {
                 "project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "node": self.node,
@@ -191,14 +183,14 @@ class ProcessExecutor:
             })
             answer = _read_ready(read_fd, READY_TIMEOUT_S)
         except BaseException:
-            self._abandon(watch)
+            self._abandon(run)
             raise
         finally:
             os.close(read_fd)
         if not answer.startswith("ok "):
-            self._abandon(watch)
+            self._abandon(run)
             raise ExecutorError(self._start_failure(answer, command[0], popen, log_path))
-        return watch
+        return run, StartInfo(started=started)
 
     def _environment(self, spec: LaunchSpec) -> dict[str, str]:
         input_dir = str(Path(spec.input_dir).absolute()) if spec.input_dir is not None else None
@@ -208,24 +200,9 @@ class ProcessExecutor:
             stage.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indices = NVML's indices
         else:
             stage.setdefault("CUDA_VISIBLE_DEVICES", "")  # GPUs are never shared with a run that got none
-        env = dict(os.environ)
-        env.update(stage)
-        return env
+        return {**os.environ, **stage}
 
-    def _prepare(self, spec: LaunchSpec, workspace: Path, log_path: Path, record: Path, exit_file: Path) -> None:
-        if spec.input_dir is not None and not Path(spec.input_dir).is_dir():
-            raise ExecutorError(
-                f"input folder {Path(spec.input_dir).absolute()} of run {spec.run_id} does not exist on {self.node}"
-            )
-        try:
-            workspace.mkdir(parents=True, exist_ok=True)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            exit_file.unlink(missing_ok=True)
-        except OSError as exc:
-            raise ExecutorError(f"cannot prepare the folders of run {spec.run_id} on {self.node}: {exc}") from exc
-
-    def _spawn(self, spec: LaunchSpec, command: list[str], env: dict[str, str], workspace: Path,
+    def _popen(self, spec: LaunchSpec, command: list[str], env: dict[str, str], workspace: Path,
                log_path: Path, exit_file: Path, ready_fd: int) -> subprocess.Popen[bytes]:
         wrapper = [sys.executable, "-I", "-S", str(_WRAPPER), "--ready-fd", str(ready_fd), str(exit_file), "--"]
         try:
@@ -252,141 +229,16 @@ class ProcessExecutor:
         return (f"program '{program}' could not be started on {self.node}: the wrapper ended "
                 f"(exit code {popen.returncode}); see {log_path}")
 
-    def _abandon(self, watch: _Watch) -> None:
+    def _abandon(self, run: _Process) -> None:
         """Undo a start that failed: nothing may stay behind, neither a process nor a record."""
-        assert watch.popen is not None
-        _kill_group(watch.pgid, signal.SIGKILL)
+        assert run.popen is not None
+        _kill_group(run.pgid, signal.SIGKILL)
         try:
-            watch.popen.wait(timeout=STOP_GRACE_S)
+            run.popen.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            log.warning("wrapper did not end after SIGKILL: node=%s %s", self.node, watch.describe())
-        _remove(watch.record, watch.exit_file)
-
-    # -- adopting ----------------------------------------------------------------
-
-    def _records(self) -> list[Path]:
-        try:
-            return sorted(self._state_dir.glob("*/*.json"))
-        except OSError as exc:
-            raise ExecutorError(f"cannot read the run records in {self._state_dir} on {self.node}: {exc}") from exc
-
-    def _adopt_run(self, project: str, run_id: str) -> _Watch | None:
-        record = self._record_path(project, run_id)
-        data = _load_record(record)
-        return self._adopt(data, record) if data is not None else None
-
-    def _adopt(self, data: dict[str, Any], record: Path) -> _Watch | None:
-        """Follow a run started before this executor existed; one that already ended gets reported."""
-        if self._closing.is_set():
-            return None
-        process = _same_process(int(data["pid"]), float(data["create_time"]))
-        exit_file = Path(data.get("exit_file") or record.with_name(f"{data['run_id']}.exit"))
-        watch = _Watch(data["project"], data["run_id"], int(data["pid"]), int(data.get("pgid", data["pid"])),
-                       data.get("started"), record, exit_file, process=process, gone=process is None)
-        with self._lock:
-            if watch.key in self._watches:
-                return self._watches[watch.key]
-            self._watches[watch.key] = watch
-        log.info("adopting process: node=%s %s state=%s", self.node, watch.describe(),
-                 "ended" if watch.gone else "running")
-        timeout = data.get("timeout")
-        elapsed = max(0.0, time.time() - float(data.get("started_epoch") or time.time()))
-        self._follow(watch, None if watch.gone or timeout is None else float(timeout), time.monotonic() - elapsed)
-        return watch
-
-    # -- watching ----------------------------------------------------------------
-
-    def _follow(self, watch: _Watch, timeout: float | None, began: float) -> None:
-        with self._lock:
-            self._watches[watch.key] = watch
-        if timeout is not None:
-            remaining = max(0.0, timeout - (time.monotonic() - began))
-            watch.timer = threading.Timer(remaining, self._expire, args=(watch, timeout))
-            watch.timer.daemon = True
-            watch.timer.start()
-        target = self._watch_child if watch.popen is not None else self._watch_adopted
-        watch.thread = threading.Thread(target=target, args=(watch,), daemon=True,
-                                        name=f"winslow-process-{watch.run_id}")
-        watch.thread.start()
-
-    def _watch_child(self, watch: _Watch) -> None:
-        assert watch.popen is not None
-        try:
-            returncode = watch.popen.wait()  # blocks until the exit: reported at once
-            self._finish(watch, returncode, utcnow())
-        except Exception:  # noqa: BLE001 - a watcher must never die silently
-            log.exception("watcher failed: node=%s %s", self.node, watch.describe())
-
-    def _watch_adopted(self, watch: _Watch) -> None:
-        try:
-            if not watch.gone:
-                while not self._closing.wait(ADOPTED_POLL_S):
-                    if not _alive(watch.process):
-                        break
-                finished = utcnow()
-            else:
-                finished = _mtime_iso(watch.exit_file) or utcnow()
-            self._finish(watch, None, finished)
-        except Exception:  # noqa: BLE001 - a watcher must never die silently
-            log.exception("watcher failed: node=%s %s", self.node, watch.describe())
-
-    def _finish(self, watch: _Watch, returncode: int | None, finished: str) -> None:
-        if self._closing.is_set():
-            return  # the record stays: the next executor reports this run
-        if watch.timer is not None:
-            watch.timer.cancel()
-        watch.done.set()
-        recorded = _read_exit_code(watch.exit_file)
-        info = _exit_info(watch, recorded if recorded is not None else returncode, finished)
-        if self._report(watch, info):
-            _remove(watch.record, watch.exit_file)
-        with self._lock:
-            if self._watches.get(watch.key) is watch:
-                del self._watches[watch.key]
-
-    def _report(self, watch: _Watch, info: ExitInfo) -> bool:
-        log.info("process exited: node=%s %s exit_code=%s reason=%s",
-                 self.node, watch.describe(), info.exit_code, info.reason)
-        try:
-            self._on_exit(info)
-            watch.reported = True
-        except Exception:  # noqa: BLE001 - keep the record so a later running() reports it again
-            log.exception("on_exit failed, keeping the record: node=%s %s", self.node, watch.describe())
-            return False
-        return True
-
-    # -- stopping ----------------------------------------------------------------
-
-    def _expire(self, watch: _Watch, timeout: float) -> None:
-        if watch.done.is_set() or self._closing.is_set():
-            return
-        log.info("timeout: node=%s %s after=%ss", self.node, watch.describe(), timeout)
-        self._terminate(watch, f"timeout after {format_duration(timeout)}")
-
-    def _terminate(self, watch: _Watch, reason: str) -> None:
-        """TERM through the wrapper, which relays it to the group once; KILL the group after the grace."""
-        with self._lock:
-            if watch.done.is_set() or watch.gone or watch.stopping:
-                return
-            watch.stopping = True
-            watch.stop_reason = reason
-        log.info("stopping process: node=%s %s reason=%s", self.node, watch.describe(), reason)
-        try:
-            if watch.popen is not None:
-                watch.popen.send_signal(signal.SIGTERM)  # a no-op once reaped: no stray pid is hit
-            elif watch.process is not None:
-                watch.process.send_signal(signal.SIGTERM)  # psutil checks the pid was not reused
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            return
-        except (psutil.AccessDenied, PermissionError) as exc:
-            with self._lock:
-                watch.stopping = False  # a later stop() may try again
-            raise ExecutorError(f"cannot stop run {watch.run_id} of {watch.project} on {self.node}: {exc}") from exc
-        escalate = threading.Timer(STOP_GRACE_S, _kill_group, args=(watch.pgid, signal.SIGKILL))
-        escalate.daemon = True
-        escalate.start()
-
-    # -- records -----------------------------------------------------------------
+            log.warning("wrapper did not end after SIGKILL: node=%s project=%s run=%s %s",
+                        self.node, run.project, run.run_id, run)
+        _remove(run.record, run.exit_file)
 
     def _record_path(self, project: str, run_id: str) -> Path:
         for part in (project, run_id):
@@ -395,13 +247,47 @@ class ProcessExecutor:
         return self._state_dir / project / f"{run_id}.json"
 
 
-def _exit_info(watch: _Watch, returncode: int | None, finished: str) -> ExitInfo:
+class ProcessExecutor(RunTracker[_Process]):
+    """The Executor of a node whose stages run as its own processes."""
+
+    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path) -> None:
+        super().__init__(node, on_exit, ProcessEngine(node, state_dir))
+
+
+def _await_end(run: _Process, closing: threading.Event) -> bool:
+    """Block until the process ended (True) or the executor closes (False), woken by its pidfd."""
+    pidfd = _pidfd(run.pid)  # opened before the first look: the pid cannot be reused under it then
+    poller = select.poll()
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)  # readable once the process has ended
+    try:
+        while not run.ended():
+            if closing.is_set():
+                return False
+            if pidfd is None:
+                closing.wait(POLL_S)
+            else:
+                poller.poll(WAKE_S * 1000)
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when the process ends; None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, not allowed, or the process is gone already
+        return None
+
+
+def _ended(returncode: int | None, finished: str) -> Ended:
     if returncode is None:
-        return ExitInfo(watch.project, watch.run_id, None, finished, watch.stop_reason or UNKNOWN_EXIT)
+        return Ended(None, finished, UNKNOWN_EXIT)
     if returncode < 0:
-        reason = watch.stop_reason or f"killed by signal {_signal_name(-returncode)}"
-        return ExitInfo(watch.project, watch.run_id, 128 - returncode, finished, reason)
-    return ExitInfo(watch.project, watch.run_id, returncode, finished, watch.stop_reason)
+        return Ended(128 - returncode, finished, f"killed by signal {_signal_name(-returncode)}")
+    return Ended(returncode, finished)
 
 
 def _signal_name(signum: int) -> str:
@@ -468,13 +354,13 @@ def _write_record(path: Path, data: dict[str, Any]) -> None:
 def _load_record(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-        int(data["pid"]), float(data["create_time"]), str(data["project"]), str(data["run_id"])
+        int(data["pid"]), float(data["create_time"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring an unreadable run record %s: %s", path, exc)
         return None
-    return data
+    return data if isinstance(data, dict) else None
 
 
 def _read_exit_code(path: Path) -> int | None:
@@ -486,10 +372,9 @@ def _read_exit_code(path: Path) -> int | None:
 
 def _mtime_iso(path: Path) -> str | None:
     try:
-        stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+        return format_time(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc))
     except OSError:
         return None
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _remove(*paths: Path) -> None:
