@@ -120,8 +120,7 @@ class Node:
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
                  f" ({info.reason})" if info.reason else "")
         self.wake.set()
-        if info.exit_code is not None:  # a stage that never ran left nothing to list
-            self.lister.list_later(info.project, info.run_id)
+        self.lister.list_later(info.project, info.run_id)
 
     def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
         return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
@@ -174,6 +173,7 @@ class Node:
             self.watcher.stop()
         self.heartbeat.stop()
         self.lister.stop()
+        self.hashes.close()
         self.executor.close()
         self.repo.close()
 
@@ -367,5 +367,7 @@ class Node:
         for project, since in list(self._missing_projects.items()):
             if now - since >= self._config().cleanup and project not in busy:
                 removed = self.storage.remove_project(project)
+                for folder in removed:
+                    self.hashes.forget(folder)
                 log.info("%s: deleted from the repo; removed %s", project, ", ".join(map(str, removed)) or "nothing")
                 del self._missing_projects[project]
