@@ -31,3 +31,9 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     """Seconds from one recorded time to another; None when either is missing or unreadable."""
     began, ended = parse_time(start), parse_time(end)
     return (ended - began).total_seconds() if began and ended else None
+
+
+def add_seconds(text: str, seconds: float) -> str | None:
+    """A recorded time plus some seconds, recorded the same way; None when the time is unreadable."""
+    parsed = parse_time(text)
+    return format_time(parsed + _dt.timedelta(seconds=seconds)) if parsed else None

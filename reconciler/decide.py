@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler import layout
-from reconciler.clock import seconds_between
+from reconciler.clock import add_seconds, seconds_between
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.model import (
     SECRET_MASK,
@@ -109,6 +109,13 @@ class Outcome:
     notes: tuple[str, ...] = ()
     claim: Claim | None = None                   # placement: this node claims the start
     waiting: str | None = None                   # placement: "<project>/<run>" startable, not claimed here
+    due: str | None = None                       # when time alone changes the decision (a gate timing out)
+
+    def quiet(self, before: Status) -> bool:
+        """Nothing to do and nothing to write: it stays so until the project's files or facts change."""
+        return (not (self.stops or self.start or self.resume or self.lock or self.finished or self.settled
+                     or self.claim or self.waiting or self.due)
+                and (self.status is None or replace(self.status, updated=before.updated) == before))
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # "<project>/<run>" startable but not claimed here
     stale_branches: list[str] = field(default_factory=list)  # resume branches behind their project
+    quiet: frozenset[str] = frozenset()  # projects with nothing to do: see `decide`'s `quiet`
+    due: str | None = None  # the earliest time at which time alone changes a decision
 
     @property
     def commit_needed(self) -> bool:
@@ -144,22 +153,40 @@ class _Cycle:
         return self.world.now
 
 
-def decide(world: World, me: Me) -> Plan:
-    leader = min(world.nodes) if world.nodes else me.name
-    cycle = _Cycle(world, me, leads=me.name == leader)
+def leader(world: World, me: str) -> str:
+    """The first live node: the one that records what nobody may claim and marks lost nodes' runs."""
+    return min(world.nodes) if world.nodes else me
+
+
+def decide(world: World, me: Me, quiet: frozenset[str] = frozenset()) -> Plan:
+    """The plan of this node for this cycle.
+
+    `quiet` names projects whose last outcome was quiet and whose files, facts and local
+    runs have not changed since, with the same live nodes, lost nodes, leader and resume
+    branches: their outcome would be quiet again, so they are not reconciled (the node
+    keeps this set; `Plan.quiet` is the next one). Their runs still count for placement.
+    """
+    cycle = _Cycle(world, me, leads=me.name == leader(world, me.name))
     facts: dict[str, list[Fact]] = {}
     for fact in me.facts:
         facts.setdefault(fact.project, []).append(fact)
+    local = {project for project, _ in me.local_runs}
+    skip = quiet - facts.keys() - local
     unreadable = {layout.project_of(p.path) for p in world.snapshot.problems
                   if p.path.endswith(("/" + layout.STATUS_FILE, "/" + layout.LOCK_FILE))}
     outcomes = [_project(cycle, entry, facts.pop(project_id, []), project_id in unreadable)
-                for project_id, entry in world.snapshot.projects.items()]
+                for project_id, entry in world.snapshot.projects.items() if project_id not in skip]
     orphans = frozenset(f.key for orphaned in facts.values() for f in orphaned)
     deleted = tuple(Stop(project_id, run_id, "project deleted") for project_id, run_id in sorted(me.local_runs)
                     if project_id not in world.snapshot.projects)  # its folder is gone, status and all
-    placed = _place(cycle, outcomes)
+    placed = _place(cycle, outcomes, skip)
     stale = _stale_branches(world) if cycle.leads else []
-    return _fold(world, outcomes + placed, orphans, deleted, stale)
+    plan = _fold(world, outcomes + placed, orphans, deleted, stale)
+    placed_projects = {o.project for o in placed}
+    still = frozenset(o.project for o in outcomes if o.project not in placed_projects
+                      and o.quiet(world.snapshot.projects[o.project].status))
+    due = min((o.due for o in outcomes if o.due), default=None)
+    return replace(plan, quiet=still | (skip & world.snapshot.projects.keys()), due=due)
 
 
 def _fold(world: World, outcomes: Iterable[Outcome], orphans: frozenset[FactKey], deleted: tuple[Stop, ...],
@@ -409,9 +436,12 @@ def _waiting(cycle: _Cycle, entry: ProjectEntry, status: Status, pipeline: Pipel
     gated = status.runs[-1] if status.runs else None
     since = status.request.waiting_since or cycle.now
     stage = pipeline.stage(gated.stage) if gated else None
-    if stage and stage.gate_timeout is not None and (seconds_between(since, cycle.now) or 0.0) > stage.gate_timeout:
-        return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
-                                         message=f"gate after {stage.name} was not approved in time"))
+    due = None
+    if stage and stage.gate_timeout is not None:
+        if (seconds_between(since, cycle.now) or 0.0) > stage.gate_timeout:
+            return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
+                                             message=f"gate after {stage.name} was not approved in time"))
+        due = add_seconds(since, stage.gate_timeout)
     branch = layout.resume_branch(entry.id, status.request.number)
     resume = None
     if branch not in cycle.world.resume_branches:
@@ -419,7 +449,7 @@ def _waiting(cycle: _Cycle, entry: ProjectEntry, status: Status, pipeline: Pipel
     message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"
     return Outcome(entry.id, replace(status, state=ProjectState.WAITING, message=message,
                                      request=replace(status.request, waiting_since=since, next=here.gate_next)),
-                   resume=resume)
+                   resume=resume, due=due)
 
 
 def _next_id(status: Status, request: int, stage: str) -> str:
@@ -429,7 +459,7 @@ def _next_id(status: Status, request: int, stage: str) -> str:
 
 # -- placement -------------------------------------------------------------------------------------
 
-def _place(cycle: _Cycle, outcomes: list[Outcome]) -> list[Outcome]:
+def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> list[Outcome]:
     """Simulate the same placement every node computes; claim what falls to this node.
 
     Returns one more outcome per startable stage: the claim (or the note that it waits);
@@ -437,7 +467,9 @@ def _place(cycle: _Cycle, outcomes: list[Outcome]) -> list[Outcome]:
     """
     world, me = cycle.world, cycle.me
     statuses = {o.project: o.status or world.snapshot.projects[o.project].status for o in outcomes}
-    free = slots(world.nodes, [r for status in statuses.values() for r in status.active], world.snapshot.config)
+    held = [run for project, run in world.snapshot.active_runs if project not in statuses]
+    held += [run for status in statuses.values() for run in status.active]
+    free = slots(world.nodes, held, world.snapshot.config)
     placed = []
     for item in (o.start for o in outcomes if o.start is not None):
         ranking = rank(item.stage, free)

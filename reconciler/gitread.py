@@ -52,11 +52,19 @@ class CatFile:
 
 
 class GitTree:
-    """One commit of the state repo, as the `Tree` that `state.StateReader` reads."""
+    """One commit of the state repo, as the `Tree` that `state.StateReader` reads.
 
-    def __init__(self, entries: Mapping[str, str], cat: CatFile) -> None:
+    When it was listed as the difference from an earlier commit, `base` names that
+    commit and `changed` the state files that differ (added, changed or deleted), so a
+    reader that has read `base` needs to look at those only.
+    """
+
+    def __init__(self, entries: Mapping[str, str], cat: CatFile, base: str | None = None,
+                 changed: frozenset[str] | None = None) -> None:
         self._entries = entries
         self._cat = cat
+        self.base = base
+        self.changed = changed
 
     def entries(self) -> Mapping[str, str]:
         return self._entries
@@ -113,11 +121,45 @@ class GitReader:
         return out.stdout.decode().strip() or None if out.returncode == 0 else None
 
     def tree(self, commit: str, results: bool = False) -> GitTree:
-        """The state files of `commit`; the listing of the last commit asked for is kept."""
-        key = (commit, results)
-        if self._listing is None or self._listing[0] != key:
-            self._listing = (key, self._list(commit, results))
+        """The state files of `commit`.
+
+        The listing of the last commit asked for is kept; the next one is that listing
+        plus `git diff-tree` from it, so a commit that changed one project costs one
+        project's worth, not a listing of every file in the repo.
+        """
+        if self._listing is not None and self._listing[0][1] == results:
+            (base, _), entries = self._listing
+            if base == commit:
+                return GitTree(entries, self.cat, base, frozenset())
+            updated = dict(entries)
+            changed = self._diff(base, commit, updated, results)
+            if changed is not None:
+                self._listing = ((commit, results), updated)
+                return GitTree(updated, self.cat, base, changed)
+        self._listing = ((commit, results), self._list(commit, results))
         return GitTree(self._listing[1], self.cat)
+
+    def _diff(self, base: str, commit: str, entries: dict[str, str], results: bool) -> frozenset[str] | None:
+        """Apply the changes from `base` to `commit` to `entries`; the state files changed, None when git cannot say."""
+        out = subprocess.run(["git", "diff-tree", "-r", "-z", "--no-renames", base, commit], cwd=self.path,
+                             capture_output=True, env=self.env, check=False)
+        if out.returncode != 0:
+            return None
+        fields = out.stdout.split(b"\0")
+        changed = set()
+        for meta, raw_path in zip(fields[0::2], fields[1::2]):
+            parts = meta.split()
+            if len(parts) != 5:
+                continue
+            path = raw_path.decode("utf-8", "replace")
+            if not layout.is_state_file(path, results):
+                continue
+            changed.add(path)
+            if parts[4] == b"D" or parts[1][:2] not in (b"10", b"12"):
+                entries.pop(path, None)  # deleted, or no longer a blob (a submodule), as `ls-tree` would list it
+            else:
+                entries[path] = parts[3].decode()
+        return frozenset(changed)
 
     def subtree(self, commit: str, paths: tuple[str, ...], results: bool = False) -> GitTree:
         """The state files of `commit` below `paths` only: one project without listing all the others."""

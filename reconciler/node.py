@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import layout
-from reconciler.clock import utcnow
+from reconciler.clock import seconds_between, utcnow
 from reconciler.decide import Claim, Me, Plan, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
@@ -35,6 +35,7 @@ from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
 from reconciler.settings import Settings
+from reconciler.snapshot import Snapshot
 from reconciler.storage import LocalStorage, read_tail
 from reconciler.wake import RemoteWatcher
 
@@ -56,6 +57,17 @@ class _Clock:
 
     def __str__(self) -> str:
         return " ".join(f"{name} {ms:.0f}ms" for name, ms in self.laps)
+
+
+@dataclass(frozen=True)
+class _Quiet:
+    """The projects the last decision found quiet, and what that depended on."""
+
+    projects: frozenset[str]
+    snapshot: Snapshot
+    basis: object
+    local: frozenset[tuple[str, str]]
+    resumes: frozenset[str]
 
 
 @dataclass
@@ -106,6 +118,9 @@ class Node:
         self.lister = Lister(options.work / "to-list", self._manifest, self.journal, self.wake)
         self.watcher: RemoteWatcher | None = None
         self._first_seen: dict[str, float] = {}
+        self._quiet: _Quiet | None = None
+        self._due_at: float | None = None
+        self._inputs: object = None
         self._missing_projects: dict[str, float] = {}
         self._fetched = 0.0
         self._last_housekeeping = 0.0
@@ -250,10 +265,17 @@ class Node:
         local = alive - ended
         clock.lap("observe")
         resumes = frozenset(ref[len(layout.ORIGIN):] for ref in refs if ref.startswith(layout.ORIGIN_RESUMES))
+        may_claim = self.heartbeat.may_claim
+        basis = (frozenset((n.name, n.cpus, n.memory, n.gpus, n.tags) for n in nodes.values()), frozenset(lost),
+                 may_claim)
+        inputs = (tip, basis, frozenset(f.key for f in facts), local, resumes)
+        if inputs == self._inputs and not self._due():
+            return True  # nothing a decision depends on has changed: the plan would be empty
         world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
-        plan = decide(world, Me(self.name, local, facts, may_claim=self.heartbeat.may_claim))
+        quiet = self._quiet_carried(snapshot, basis, local, resumes)
+        plan = decide(world, Me(self.name, local, facts, may_claim=may_claim), quiet)
         clock.lap("decide")
-        self._remember_waiting(plan)
+        self._remember(plan, snapshot, basis, local, resumes, inputs)
         self.cycles += 1
         for stop in plan.stops:
             log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
@@ -340,15 +362,41 @@ class Node:
         now = time.monotonic()
         return {key: now - since for key, since in self._first_seen.items()}
 
-    def _remember_waiting(self, plan: Plan) -> None:
+    def _remember(self, plan: Plan, snapshot: Snapshot, basis: object, local: frozenset[tuple[str, str]],
+                  resumes: frozenset[str], inputs: object) -> None:
+        """What the next cycle needs to decide only what changed: the quiet projects, timers, the inputs."""
         now = time.monotonic()
         self._first_seen = {key: self._first_seen.get(key, now) for key in plan.waiting}
+        self._quiet = _Quiet(plan.quiet, snapshot, basis, local, resumes)
+        wait = seconds_between(utcnow(), plan.due) if plan.due else None
+        self._due_at = now + max(0.0, wait) if wait is not None else None
+        # A plan that does something is followed by a cycle on its own commit; only an empty one may be skipped.
+        empty = not (plan.commit_needed or plan.claims or plan.stops or plan.resumes or plan.stale_branches)
+        self._inputs = inputs if empty else None
+
+    def _quiet_carried(self, snapshot: Snapshot, basis: object, local: frozenset[tuple[str, str]],
+                       resumes: frozenset[str]) -> frozenset[str]:
+        """The projects still quiet: quiet last time, the same entry (unchanged files), the same local runs and
+        resume branches, with the same live and lost nodes."""
+        last = self._quiet
+        if last is None or last.basis != basis:
+            return frozenset()
+        moved = {project for project, _ in local ^ last.local}
+        moved |= {named[0] for named in map(layout.parse_resume_branch, resumes ^ last.resumes) if named}
+        before = last.snapshot.projects
+        return frozenset(p for p in last.projects if p not in moved and snapshot.projects.get(p) is before.get(p))
+
+    def _due(self) -> bool:
+        """Time alone may change a decision now: a grace period running, or a gate timing out."""
+        return bool(self._first_seen) or (self._due_at is not None and time.monotonic() >= self._due_at)
 
     def _sleep_budget(self) -> float:
         config = self._config()
         budget = config.poll * 5
         if self._first_seen:
             budget = min(budget, config.grace / 2)
+        if self._due_at is not None:
+            budget = min(budget, self._due_at - time.monotonic())
         return max(0.05, min(budget, config.node_timeout / 3))
 
     def _housekeeping(self) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from reconciler.errors import Problem
-from reconciler.model import ClusterConfig, Pipeline, Project, Status
+from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class ProjectEntry:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The state repo at one commit. Built once, never changed: what is derived from it is computed once."""
+
     commit: str | None
     config: ClusterConfig
     pipelines: Mapping[str, Pipeline | None]
@@ -37,3 +40,8 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     files: int = 0
     pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
+
+    @cached_property
+    def active_runs(self) -> tuple[tuple[str, Run], ...]:
+        """(project, run) of every RUNNING run: what holds nodes' resources."""
+        return tuple((project_id, run) for project_id, entry in self.projects.items() for run in entry.status.active)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -116,20 +117,27 @@ class _Parsed:
 
 
 class StateReader:
-    """Builds snapshots, reparsing only files whose content id changed."""
+    """Builds snapshots, reparsing only files whose content id changed.
+
+    Given a tree that says which files changed since the commit read last (a
+    `gitread.GitTree` listed as a difference), only the projects those files belong
+    to are read again; every other project keeps its `ProjectEntry` object, so a
+    reader can tell an unchanged project by identity. A change to winslow.yaml or a
+    pipeline reads everything (their meaning reaches every project).
+    """
 
     def __init__(self, include_results: bool = False) -> None:
         self.include_results = include_results
-        self._cache: dict[tuple[str, str, str], _Parsed] = {}
-        self._meaning: dict[tuple[object, ...], tuple[Project | None, list[Problem]]] = {}
+        self._cache: dict[tuple[str, str], tuple[str, _Parsed]] = {}  # (path, kind) -> (content id, parsed)
+        # project.yaml -> (key: content id, pipeline id, lock id), its meaning, the pipeline it names
+        self._meaning: dict[str, tuple[tuple[object, ...], tuple[Project | None, list[Problem]], str | None]] = {}
+        self._pipelines_by_content: dict[str, Pipeline] = {}  # locks of one pipeline share one Pipeline
+        self._general: list[Problem] = []                      # winslow.yaml's and the pipelines' problems
+        self._misplaced: dict[str, Problem] = {}
+        self._project_problems: dict[str, list[Problem]] = {}  # only projects that have problems
         self.last: Snapshot | None = None
 
-    def _parse(self, tree: Tree, path: str, key: str, kind: str,
-               reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
-        cache_key = (path, key, kind)
-        hit = self._cache.get(cache_key)
-        if hit is not None:
-            return hit
+    def _load(self, tree: Tree, path: str, reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
         try:
             value, problems = reader(parse_yaml(tree.read(path), path))
         except InvalidFile as exc:
@@ -138,38 +146,93 @@ class StateReader:
             value, problems = None, [Problem(path, 1, 1, f"cannot read: {exc.strerror or exc}")]
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built is that file's problem, never a crash
             value, problems = None, [Problem(path, 1, 1, f"cannot use this file: {exc}")]
-        parsed = _Parsed(value, problems)
-        self._cache[cache_key] = parsed
+        return _Parsed(value, problems)
+
+    def _parse(self, tree: Tree, path: str, key: str, kind: str,
+               reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
+        hit = self._cache.get((path, kind))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parsed = self._load(tree, path, reader)
+        self._cache[(path, kind)] = (key, parsed)
         return parsed
 
     def read(self, tree: Tree, commit: str | None = None) -> Snapshot:
         with _collector_paused():
-            return self._read(tree, commit)
+            changed = getattr(tree, "changed", None)
+            last = self.last
+            if changed is not None and not changed and last is not None and last.commit == commit is not None:
+                return last
+            if (changed is not None and last is not None and last.commit is not None
+                    and last.commit == getattr(tree, "base", None) and not self.include_results
+                    and not any(p == layout.CONFIG or p.startswith(layout.PIPELINES + "/") for p in changed)):
+                self.last = self._read_changes(tree, commit, last, changed)
+            else:
+                self.last = self._read(tree, commit)
+            return self.last
 
     def _read(self, tree: Tree, commit: str | None) -> Snapshot:
         entries = tree.entries()
-        problems: list[Problem] = []
+        self._general = []
         config = ClusterConfig()
         if layout.CONFIG in entries:
             parsed = self._parse(tree, layout.CONFIG, entries[layout.CONFIG], "winslow", read_config)
-            problems += parsed.problems
+            self._general += parsed.problems
             config = parsed.value or config
-        problems += _misplaced(entries)
+        self._misplaced = {problem.path: problem for problem in _misplaced(entries)}
         pipelines, pipeline_problems = self._pipelines(tree, entries)
         for pipeline_found in pipeline_problems.values():
-            problems += pipeline_found
+            self._general += pipeline_found
         projects: dict[str, ProjectEntry] = {}
+        self._project_problems = {}
         for project_id, files in _group_projects(entries).items():
             entry, found = self._project(tree, entries, project_id, files, pipelines)
             projects[project_id] = entry
-            problems += found
-        current = {(p, k) for p, k in entries.items()}
-        for stale in [key for key in self._cache if (key[0], key[1]) not in current]:
+            if found:
+                self._project_problems[project_id] = found
+        for stale in [key for key in self._cache if key[0] not in entries]:
             del self._cache[stale]
-        for stale_meaning in [key for key in self._meaning if (key[0], key[1]) not in current]:
-            del self._meaning[stale_meaning]
-        self.last = Snapshot(commit, config, pipelines, projects, tuple(sorted(problems)), len(entries), pipeline_problems)
-        return self.last
+        for stale_path in [path for path in self._meaning if path not in entries]:
+            del self._meaning[stale_path]
+        return Snapshot(commit, config, pipelines, projects, self._problems(), len(entries), pipeline_problems)
+
+    def _read_changes(self, tree: Tree, commit: str | None, last: Snapshot, changed: frozenset[str]) -> Snapshot:
+        """`last` with the projects that `changed` touches read again; nothing else is looked at."""
+        entries = tree.entries()
+        projects = dict(last.projects)
+        affected: set[str] = set()
+        for path in changed:
+            self._misplaced.pop(path, None)
+            if path in entries:
+                self._misplaced.update((problem.path, problem) for problem in _misplaced((path,)))
+            else:
+                for kind in _KINDS:
+                    self._cache.pop((path, kind), None)
+                self._meaning.pop(path, None)
+            project_id = layout.project_of(path)
+            if project_id is not None:
+                affected.add(project_id)
+        added = False
+        for project_id in affected:
+            self._project_problems.pop(project_id, None)
+            if not _has_files(entries, project_id):
+                projects.pop(project_id, None)
+                continue
+            added = added or project_id not in projects
+            entry, found = self._project(tree, entries, project_id, [], last.pipelines)
+            projects[project_id] = entry
+            if found:
+                self._project_problems[project_id] = found
+        if added:  # every node must see projects in the same order: placement goes by it
+            projects = dict(sorted(projects.items()))
+        return Snapshot(commit, last.config, last.pipelines, projects, self._problems(), len(entries),
+                        last.pipeline_problems)
+
+    def _problems(self) -> tuple[Problem, ...]:
+        found = list(self._general) + list(self._misplaced.values())
+        for problems in self._project_problems.values():
+            found += problems
+        return tuple(sorted(found))
 
     def _pipelines(self, tree: Tree, entries: Mapping[str, str]
                    ) -> tuple[dict[str, Pipeline | None], dict[str, tuple[Problem, ...]]]:
@@ -186,6 +249,15 @@ class StateReader:
                 problems[stem] = tuple(parsed.problems)
         return pipelines, problems
 
+    def _read_lock(self, doc: Document) -> tuple[tuple[int, Pipeline] | None, list[Problem]]:
+        """A lock, its pipeline shared with every other lock of the same pipeline content."""
+        value, problems = read_lock(doc)
+        if value is None:
+            return value, problems
+        request, pipeline = value
+        content = json.dumps(pipeline.source, sort_keys=True, default=str)
+        return (request, self._pipelines_by_content.setdefault(content, pipeline)), problems
+
     def _project(self, tree: Tree, entries: Mapping[str, str], project_id: str, files: list[str],
                  pipelines: Mapping[str, Pipeline | None]) -> tuple[ProjectEntry, list[Problem]]:
         base = layout.project_dir(project_id) + "/"
@@ -199,7 +271,7 @@ class StateReader:
         lock, lock_request = None, 0
         lock_path = layout.lock_file(project_id)
         if lock_path in entries:
-            parsed = self._parse(tree, lock_path, entries[lock_path], "pipeline-lock", read_lock)
+            parsed = self._parse(tree, lock_path, entries[lock_path], "pipeline-lock", self._read_lock)
             problems += parsed.problems
             if parsed.value:
                 lock_request, lock = parsed.value
@@ -219,21 +291,43 @@ class StateReader:
     def _project_file(self, tree: Tree, entries: Mapping[str, str], path: str, project_id: str,
                       pipelines: Mapping[str, Pipeline | None], lock: Pipeline | None,
                       lock_request: int) -> tuple[Project | None, list[Problem]]:
-        """project.yaml's meaning depends on its pipeline too, so that is part of the cache key."""
-        parsed = self._parse(tree, path, entries[path], "document", lambda doc: (doc, []))
+        """project.yaml's meaning depends on its pipeline and lock too: both are part of the cache key.
+
+        The parsed document is not kept (its positions are most of its size); a change of
+        pipeline or lock parses the file again.
+        """
+        content = entries[path]
+        lock_key = entries.get(layout.lock_file(project_id))
+        known = self._meaning.get(path)
+        if known is not None and known[0][0] == content:
+            if known[0] == (content, _pipeline_key(known[2], entries, pipelines), lock_key):
+                return known[1]
+        parsed = self._load(tree, path, lambda doc: (doc, []))
         if parsed.value is None:
             return None, parsed.problems
         doc: Document = parsed.value
         name = doc.data.get("pipeline") if isinstance(doc.data, dict) else None
-        pipeline_key: object = entries.get(layout.pipeline_file(name)) if isinstance(name, str) else None
-        if pipeline_key is None:
-            pipeline_key = tuple(sorted(pipelines))
-        key = (path, entries[path], "project", pipeline_key, entries.get(layout.lock_file(project_id)))
-        hit = self._meaning.get(key)
-        if hit is None:
-            hit = read_project(doc, project_id, pipelines, lock, lock_request)
-            self._meaning[key] = hit
-        return hit
+        name = name if isinstance(name, str) else None
+        meaning = read_project(doc, project_id, pipelines, lock, lock_request)
+        self._meaning[path] = ((content, _pipeline_key(name, entries, pipelines), lock_key), meaning, name)
+        return meaning
+
+
+_KINDS = ("winslow", "pipeline", "status", "pipeline-lock", "result")
+
+
+def _pipeline_key(name: str | None, entries: Mapping[str, str], pipelines: Mapping[str, Pipeline | None]) -> object:
+    """What a project's meaning depends on of the pipelines: its own pipeline's file, or which ones exist."""
+    found = entries.get(layout.pipeline_file(name)) if name is not None else None
+    return found if found is not None else tuple(sorted(pipelines))
+
+
+def _has_files(entries: Mapping[str, str], project_id: str) -> bool:
+    if any(path in entries for path in (layout.project_file(project_id), layout.status_file(project_id),
+                                        layout.lock_file(project_id))):
+        return True
+    prefix = layout.project_dir(project_id) + "/"
+    return any(path.startswith(prefix) for path in entries)
 
 
 @contextlib.contextmanager

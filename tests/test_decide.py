@@ -568,6 +568,10 @@ def test_applying_a_plan_and_its_facts_again_changes_nothing(case: Case) -> None
     local = ({tuple(item.split("/", 1)) for item in case.local} - ended) | {(c.project, c.run.id) for c in first.claims}
     after = Case(**{**case.__dict__, "repo": apply(case.repo, first)})
     second = decide(world(after, LATER), me(after, local=[f"{p}/{r}" for p, r in local]))
+    # Skipping the projects the first plan called quiet decides the same (the node skips them when nothing changed).
+    skipping = decide(world(after, LATER), me(after, local=[f"{p}/{r}" for p, r in local]), quiet=first.quiet)
+    assert (skipping.statuses, skipping.claims, skipping.stops, skipping.resumes, skipping.locks) == \
+        (second.statuses, second.claims, second.stops, second.resumes, second.locks)
     assert second.statuses == {}, {p: (s.state.value, s.message) for p, s in second.statuses.items()}
     assert second.locks == {}
     assert second.finished == []
@@ -619,3 +623,25 @@ def test_resume_branches_behind_their_project_are_pruned_by_the_first_live_node_
                    Me("gpu1", local_runs=frozenset({("t", "2-a-1")})))
     other = decide(World(snapshot(repo), nodes, NOW, resume_branches=branches), Me("laptop"))
     assert first.stale_branches == ["resume/gone/4", "resume/t/1"] and other.stale_branches == []
+
+
+def test_a_quiet_project_is_not_reconciled_but_its_runs_still_hold_their_node() -> None:
+    # u's run fills gpu2, the only node that takes work (gpu1 drains): t's stage fits nowhere.
+    busy = project(pid="u", request=1) | status(pid="u", runs=[run("1-a-1", node="gpu2", cpus=16.0, project="u")])
+    repo = base(nodes={"gpu1": {"drain": True}}) | busy | project(pid="t", request=1)
+    nodes = {"gpu1": GPU1, "gpu2": GPU2}
+    first = decide(World(snapshot(repo), nodes, NOW), Me("gpu1"))
+    settled = apply(repo, first)
+    second = decide(World(snapshot(settled), nodes, NOW), Me("gpu1"))
+    assert "u" in second.quiet and "t" not in second.quiet
+    again = decide(World(snapshot(settled), nodes, NOW), Me("gpu1"), quiet=second.quiet)
+    assert again.waiting == second.waiting == [] and again.claims == []  # u's run still fills gpu2
+    assert again.quiet == second.quiet
+
+
+def test_a_gate_with_a_timeout_says_when_it_falls_due() -> None:
+    repo = (base() | project(pipeline_name="tracking", request=1)
+            | status(lock=TRACKING, runs=[run("1-detect-1", "SUCCEEDED", exit_code=0)], state="WAITING",
+                     waiting_since=NOW))
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW, resume_branches=frozenset({"resume/t/1"})), Me("gpu1"))
+    assert plan.due is not None and plan.due.startswith("2024-05-01T13:00:00") and "t" not in plan.quiet

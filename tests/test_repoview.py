@@ -131,3 +131,28 @@ def test_a_folder_and_its_commit_read_as_the_same_snapshot(remote: StateRemote) 
     assert from_git.commit == git(remote.clone, "rev-parse", ORIGIN_MAIN).strip()
     assert from_git.projects == from_folder.projects and from_git.problems == from_folder.problems
     assert any("not read" in p.message for p in from_git.problems)
+
+
+def test_reading_only_what_changed_gives_the_snapshot_a_full_read_gives(remote: StateRemote) -> None:
+    """Edits, new and deleted projects, a broken file, a misplaced one: the incremental read keeps up."""
+    view = view_of(remote)
+    view.snapshot()
+    steps: list[dict[str, str | None]] = [
+        {"projects/q/project.yaml": PROJECT.format(request=1, state="running")},
+        {"projects/p/status.yaml": "state: [broken\n"},
+        {"projects/q/project.yaml": PROJECT.format(request=3, state="aborted"), "projects/stray.yaml": "a: 1\n"},
+        {"projects/p/status.yaml": None, "projects/q/project.yaml": None},
+        {"projects/a-first/project.yaml": PROJECT.format(request=0, state="running")},
+    ]
+    for files in steps:
+        before = view.last
+        remote.write(files, "edit")
+        git(remote.clone, "fetch", "-q", "origin", "+refs/heads/*:refs/remotes/origin/*")
+        incremental = view.snapshot()
+        full = RepoView.of_repository(remote.clone).snapshot()
+        assert list(incremental.projects) == list(full.projects)
+        assert incremental.projects == full.projects and incremental.problems == full.problems
+        untouched = {p for p in full.projects if not any(path.startswith(f"projects/{p}/") for path in files)}
+        assert before is not None
+        assert all(incremental.projects[p] is before.projects[p] for p in untouched if p in before.projects)
+    view.close()
