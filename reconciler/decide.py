@@ -476,6 +476,8 @@ def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> l
         if not ranking:
             if cycle.leads:  # one writer, or nodes with different views would take turns
                 placed.append(_unplaceable(item, statuses[item.project], cycle))
+            else:
+                placed.append(_as_written(item, statuses[item.project], world))
             continue
         position = ranking.index(me.name) if me.name in ranking else -1
         waited = world.waited.get(f"{item.project}/{item.run_id}", 0.0)
@@ -486,8 +488,22 @@ def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> l
         if chosen == me.name and me.may_claim:
             placed.append(_claim(item, gpus, statuses[item.project], cycle))
         else:
-            placed.append(Outcome(item.project, waiting=f"{item.project}/{item.run_id}"))
+            placed.append(replace(_as_written(item, statuses[item.project], world),
+                                  waiting=f"{item.project}/{item.run_id}"))
     return placed
+
+
+def _as_written(item: Startable, status: Status, world: World) -> Outcome:
+    """A node that neither claims the stage nor leads leaves the project's message as it is on main.
+
+    Who may say why a stage waits is the first live node, and what runs is its claimer:
+    every other node writing its own words back would flip the file between them. When
+    the node has something else to write (a run it finished), its message goes with it.
+    """
+    written = world.snapshot.projects[item.project].status
+    if replace(status, message=written.message, updated=written.updated) == written:
+        return Outcome(item.project, written)
+    return Outcome(item.project)
 
 
 def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:

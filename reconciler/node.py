@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
+LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
 
 
 class _Clock:
@@ -119,6 +121,9 @@ class Node:
         self.watcher: RemoteWatcher | None = None
         self._first_seen: dict[str, float] = {}
         self._quiet: _Quiet | None = None
+        self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
+        self._launch_lock = threading.Lock()
+        self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
         self._due_at: float | None = None
         self._inputs: object = None
         self._missing_projects: dict[str, float] = {}
@@ -186,6 +191,7 @@ class Node:
         self.wake.set()
         if self.watcher:
             self.watcher.stop()
+        self._launcher.shutdown(wait=True, cancel_futures=False)  # a start under way ends with its fact recorded
         self.heartbeat.stop()
         self.lister.stop()
         self.hashes.close()
@@ -259,7 +265,9 @@ class Node:
                      if ref.startswith(layout.ORIGIN_NODES)}
         nodes, lost = self.liveness.observe(self.view, node_tips, snapshot, self.heartbeat.info(),
                                             self._config().node_timeout)
-        alive = frozenset((r.project, r.run_id) for r in self.executor.running())
+        with self._launch_lock:  # read before the executor: a launch that ends meanwhile is in one or the other
+            launching = frozenset(self._launching)
+        alive = launching | frozenset((r.project, r.run_id) for r in self.executor.running())
         facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
         ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
         local = alive - ended
@@ -304,8 +312,11 @@ class Node:
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
             tip = commit
         self.journal.settle(plan.settled)
-        for claim, spec in launches:
-            self._launch(claim, spec)
+        for claim, spec in launches:  # started beside the cycle: exits and new claims need not wait for them
+            key = (claim.project, claim.run.id)
+            with self._launch_lock:
+                self._launching.add(key)
+            self._launcher.submit(self._launch_beside, key, claim, spec)
         clock.lap("launch")
         for resume in plan.resumes:
             push_resume(self.repo, tip, resume)
@@ -339,6 +350,15 @@ class Node:
                     self.executor.prepare(spec)
                 except Exception as exc:  # noqa: BLE001 - start() tries again and reports it
                     log.debug("%s/%s: prepare failed: %s", spec.project, spec.run_id, exc)
+
+    def _launch_beside(self, key: tuple[str, str], claim: Claim, spec: LaunchSpec | str) -> None:
+        try:
+            self._launch(claim, spec)
+        except Exception:  # noqa: BLE001 - _launch records every failure it knows; this is a bug, logged
+            log.exception("%s/%s: launch failed", *key)
+        finally:  # after its fact or its run is there: the cycle sees it in one place or another
+            with self._launch_lock:
+                self._launching.discard(key)
 
     def _launch(self, claim: Claim, spec: LaunchSpec | str) -> None:
         run, stage = claim.run, claim.stage

@@ -645,3 +645,14 @@ def test_a_gate_with_a_timeout_says_when_it_falls_due() -> None:
                      waiting_since=NOW))
     plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW, resume_branches=frozenset({"resume/t/1"})), Me("gpu1"))
     assert plan.due is not None and plan.due.startswith("2024-05-01T13:00:00") and "t" not in plan.quiet
+
+
+def test_only_the_first_live_node_says_why_a_stage_waits_and_no_other_node_writes_it_back() -> None:
+    repo = base(nodes={"gpu1": {"drain": True}, "laptop": {"drain": True}}) | REQUEST_OBSERVED
+    nodes = {"gpu1": GPU1, "laptop": LAPTOP}
+    leader = decide(World(snapshot(repo), nodes, NOW), Me("gpu1"))
+    assert "waits for a free node" in (leader.statuses["t"].message or "")
+    written = apply(repo, leader)
+    for name in ("laptop", "gpu1"):  # neither the other node nor the leader itself rewrites it
+        again = decide(World(snapshot(written), nodes, NOW), Me(name))
+        assert again.statuses == {}, (name, again.statuses.get("t"))
