@@ -19,7 +19,7 @@ from typing import Any
 
 from reconciler import layout
 from reconciler.clock import seconds_between, utcnow
-from reconciler.decide import Claim, Me, Plan, World, decide
+from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
 from reconciler.facts import EXITED, STARTED, Fact
@@ -124,6 +124,8 @@ class Node:
         self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
         self._launch_lock = threading.Lock()
         self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
+        self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
+        self._branching: set[str] = set()  # resume branches being pushed or pruned
         self._due_at: float | None = None
         self._inputs: object = None
         self._missing_projects: dict[str, float] = {}
@@ -192,6 +194,7 @@ class Node:
         if self.watcher:
             self.watcher.stop()
         self._launcher.shutdown(wait=True, cancel_futures=False)  # a start under way ends with its fact recorded
+        self._branches.shutdown(wait=True, cancel_futures=True)
         self.heartbeat.stop()
         self.lister.stop()
         self.hashes.close()
@@ -318,13 +321,34 @@ class Node:
                 self._launching.add(key)
             self._launcher.submit(self._launch_beside, key, claim, spec)
         clock.lap("launch")
-        for resume in plan.resumes:
-            push_resume(self.repo, tip, resume)
-        if plan.stale_branches:
-            prune_branches(self.repo, plan.stale_branches)
+        self._propose(tip, plan)
         if plan.commit_needed or plan.claims:
             log.debug("cycle %d on %s: %s", self.cycles, tip[:10], clock)
         return True
+
+    def _propose(self, tip: str, plan: Plan) -> None:
+        """Push resume branches and prune stale ones beside the cycle, one branch push at a time.
+
+        Both are idempotent: what is still missing next cycle is asked for again, unless under way.
+        """
+        work: list[tuple[str, Resume | None]] = [(layout.resume_branch(r.project, r.request), r) for r in plan.resumes]
+        work += [(branch, None) for branch in plan.stale_branches]
+        for branch, resume in work:
+            with self._launch_lock:
+                if branch in self._branching:
+                    continue
+                self._branching.add(branch)
+            self._branches.submit(self._push_branch, branch, tip, resume)
+
+    def _push_branch(self, branch: str, tip: str, resume: Resume | None) -> None:
+        try:
+            if resume is not None:
+                push_resume(self.repo, tip, resume)
+            else:
+                prune_branches(self.repo, [branch])
+        finally:
+            with self._launch_lock:
+                self._branching.discard(branch)
 
     def _spec(self, claim: Claim) -> LaunchSpec | str:
         """What the executor needs to start a claimed run, or why it cannot be started."""
