@@ -74,6 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--node-log", type=Path, help="keep the node's debug log here (phase timings per cycle)")
+    parser.add_argument("--projects", type=int, default=1,
+                        help="projects in the repo: the measured one plus idle ones (10000: the large-repo figure)")
     args = parser.parse_args()
     client = docker.from_env()
     ensure_image(client)
@@ -84,6 +86,9 @@ def main() -> None:
         (clone / "pipelines/quick.yaml").write_text(PIPELINE)
         (clone / "projects/b").mkdir(parents=True)
         (clone / "projects/b/project.yaml").write_text("pipeline: quick\nrun: {request: 0}\n")
+        for i in range(args.projects - 1):  # idle projects: a large repo around the one measured
+            (clone / f"projects/idle-{i:05d}").mkdir(parents=True)
+            (clone / f"projects/idle-{i:05d}/project.yaml").write_text("pipeline: quick\nrun: {request: 0, state: paused}\n")
         git(clone, "add", "-A")
         git(clone, "commit", "-qm", "bench project")
         git(clone, "push", "-q", "origin", "main")
@@ -108,6 +113,11 @@ def main() -> None:
         latencies, pushes = [], []
         try:
             time.sleep(3)  # the node is up and has seen the empty request
+            settle_until = time.monotonic() + 300
+            while time.monotonic() < settle_until and subprocess.run(  # a large repo: its first commit lands
+                    ["git", "--git-dir", str(remote), "cat-file", "-e", "main:projects/b/status.yaml"],
+                    capture_output=True).returncode != 0:
+                time.sleep(0.5)
             for request in range(1, args.trials + 1):
                 began = push_request(clone, request)
                 pushes.append(time.time() - began)
@@ -137,7 +147,7 @@ def main() -> None:
     floor = statistics.median(pushes) + statistics.median(raw)
     median, p95 = statistics.median(latencies), percentile(latencies, 0.95)
     print(f"machine: {machine()}")
-    print(f"trials: {len(latencies)}")
+    print(f"trials: {len(latencies)}, projects in the repo: {args.projects}")
     print(f"{'measure':<34}{'median':>10}{'p95':>10}")
     print(f"{'git push (user, local remote)':<34}{statistics.median(pushes) * 1000:>8.0f}ms"
           f"{percentile(pushes, .95) * 1000:>8.0f}ms")
