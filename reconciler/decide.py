@@ -391,11 +391,12 @@ def _new_request(cycle: _Cycle, entry: ProjectEntry, project: Project, status: S
         first = Startable(entry.id, pipeline, stage, _next_id(status, spec.request, stage.name), progress)
     continued = _continue(cycle, entry, project, observed, pipeline, new=first)
     continued = replace(continued, stops=stops + continued.stops)
-    if cycle.leads:
-        # The first live node records the request even when nobody can start it yet.
+    if cycle.leads and continued.start is None:
+        # Nothing to start (paused, busy, or it cannot): the first live node records the request now.
         return replace(continued, lock=(spec.request, pipeline),
                        notes=continued.notes + (f"{entry.id}: request {spec.request} observed",))
-    # Others record it only with a claim (placement); until then the status stays as it was.
+    # A stage can start: its claimer records the request with the claim (placement), or the first live
+    # node does once nobody can or will take it. Until then the status stays as it was.
     return replace(continued, status=status)
 
 
@@ -485,12 +486,26 @@ def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> l
         if position > 0 and waited >= position * world.snapshot.config.grace:
             chosen = me.name
         free[chosen], gpus = free[chosen].take(item.stage)
+        waiting = f"{item.project}/{item.run_id}"
         if chosen == me.name and me.may_claim:
             placed.append(_claim(item, gpus, statuses[item.project], cycle))
+        elif cycle.leads and item.new_request is not None and waited >= len(ranking) * world.snapshot.config.grace:
+            # Every fitting node had its turn and none claimed it: say the request was seen.
+            placed.append(replace(_observed(item, statuses[item.project]), waiting=waiting))
         else:
-            placed.append(replace(_as_written(item, statuses[item.project], world),
-                                  waiting=f"{item.project}/{item.run_id}"))
+            placed.append(replace(_as_written(item, statuses[item.project], world), waiting=waiting))
     return placed
+
+
+def _observed(item: Startable, status: Status, message: str | None = None) -> Outcome:
+    """A new request recorded by the first live node without a claim: its status and lock."""
+    assert item.new_request is not None
+    if status.observed_request >= item.new_request.number:
+        return Outcome(item.project, replace(status, message=message) if message else None)
+    observed = replace(observe(status, item.new_request), state=ProjectState.RUNNING,
+                       message=message or f"starting {item.stage.name}")
+    return Outcome(item.project, observed, lock=(item.new_request.number, item.pipeline),
+                   notes=(f"{item.project}: request {item.new_request.number} observed",))
 
 
 def _as_written(item: Startable, status: Status, world: World) -> Outcome:
@@ -512,8 +527,9 @@ def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:
     if item.stage.node_tags:
         wanted += f", tags {', '.join(item.stage.node_tags)}"
     message = f"{item.stage.name} waits for a free node with {wanted}"
-    observed = item.new_request is None or status.observed_request >= item.new_request.number
-    if status.message != message and observed:
+    if item.new_request is not None:
+        return _observed(item, status, message)
+    if status.message != message:
         return Outcome(item.project, replace(status, message=message))
     return Outcome(item.project)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Lister:
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._busy = threading.Event()
+        self._pending: set[tuple[str, str]] = set()
+        self._listed = threading.Condition()
 
     def start(self) -> None:
         """Start listing, beginning with what an earlier life of this node left unlisted."""
@@ -61,7 +64,19 @@ class Lister:
             marker.touch()
         except OSError as exc:  # listing still happens; only a restart would forget it
             log.warning("%s/%s: cannot note the listing to do: %s", project, run_id, exc)
+        with self._listed:
+            self._pending.add((project, run_id))
         self._queue.put((project, run_id))
+
+    def wait_for(self, runs: set[tuple[str, str]], timeout: float) -> None:
+        """Wait until none of `runs` is still to be listed, or `timeout` passed: a small workspace is listed
+        in milliseconds, and its manifest can then go in the same commit as its exit."""
+        deadline = time.monotonic() + timeout
+        with self._listed:
+            while runs & self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._listed.wait(left):
+                    return
 
     def idle(self) -> bool:
         return self._queue.empty() and not self._busy.is_set()
@@ -89,6 +104,9 @@ class Lister:
             (self.folder / project / run_id).unlink(missing_ok=True)
         except OSError as exc:
             log.warning("%s/%s: cannot remove the listing marker: %s", project, run_id, exc)
+        with self._listed:
+            self._pending.discard((project, run_id))
+            self._listed.notify_all()
         files = manifest.get("files") or []
         log.info("%s/%s: workspace listed: %d file(s), %d bytes", project, run_id, len(files),
                  manifest.get("total_size", 0))

@@ -22,7 +22,7 @@ from reconciler.clock import seconds_between, utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
-from reconciler.facts import EXITED, STARTED, Fact
+from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.fencing import Fence
 from reconciler.gitsync import Mirror
 from reconciler.heartbeat import Heartbeat
@@ -42,6 +42,7 @@ from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
+LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
 
 
@@ -137,12 +138,12 @@ class Node:
     def _on_exit(self, info: ExitInfo) -> None:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
         lost = self.fence.ended((info.project, info.run_id))
+        self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
         self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
                                  lost=lost))
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
                  f" ({info.reason})" if info.reason else "")
         self.wake.set()
-        self.lister.list_later(info.project, info.run_id)
 
     def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
         return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
@@ -272,6 +273,11 @@ class Node:
             launching = frozenset(self._launching)
         alive = launching | frozenset((r.project, r.run_id) for r in self.executor.running())
         facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
+        listing = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
+        listing -= {(f.project, f.run_id) for f in facts if f.kind == LISTED}
+        if listing:  # a small workspace's manifest is ready in milliseconds: one commit instead of two
+            self.lister.wait_for(listing, LISTING_GRACE_S)
+            facts = self.journal.pending()
         ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
         local = alive - ended
         clock.lap("observe")
