@@ -75,6 +75,23 @@ def generate(clone: Path, projects: int) -> None:
     git(clone, "push", "-q", "origin", "main")
 
 
+def add_history(clone: Path, commits: int) -> None:
+    """`commits` small commits on main (one file edited each time), made by `git fast-import` and pushed."""
+    tip = git(clone, "rev-parse", "HEAD").strip()
+    lines = []
+    for i in range(commits):
+        body = f"{i}\n"
+        lines += ["commit refs/heads/main", f"committer bench <bench@localhost> {1700000000 + i} +0000",
+                  "data 7", "history"]
+        if i == 0:
+            lines.append(f"from {tip}")
+        lines += ["M 100644 inline notes/history.txt", f"data {len(body)}", body.rstrip("\n")]
+    subprocess.run(["git", "fast-import", "--quiet", "--force"], cwd=clone, env=ENV, check=True,
+                   input="\n".join(lines) + "\n", text=True, capture_output=True)
+    git(clone, "reset", "-q", "--hard", "main")
+    git(clone, "push", "-q", "origin", "main")
+
+
 def push_running(clone: Path, i: int, projects: int) -> float:
     """Set project i running and push; returns how long the push took (a git push at this repo size)."""
     names = list(PIPELINES)
@@ -117,6 +134,8 @@ def main() -> int:
     parser.add_argument("--pushes", type=int, default=5, help="pushes to one project to time")
     parser.add_argument("--source", type=Path, help="a checkout whose reconciler to measure (default: this one)")
     parser.add_argument("--phases", action="store_true", help="log each cycle's phases (the node's debug log)")
+    parser.add_argument("--history", type=int, default=0,
+                        help="commits to put under main first (100000: a repo with a long past)")
     args = parser.parse_args()
     if args.phases:
         logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f %(name)s %(message)s")
@@ -135,10 +154,13 @@ def main() -> int:
         init_repo(clone, remote)
         shutil.rmtree(clone / "projects", ignore_errors=True)
         git(clone, "rm", "-rq", "--cached", "--ignore-unmatch", "projects")
+        if args.history:
+            add_history(clone, args.history)
         generate(clone, args.projects)
         print(f"machine: {machine()}")
         print(f"source:  {source} ({git(source, 'rev-parse', '--short', 'HEAD').strip()})")
-        print(f"repo:    {args.projects} paused projects on {len(PIPELINES)} pipelines")
+        print(f"repo:    {args.projects} paused projects on {len(PIPELINES)} pipelines, "
+              f"{int(git(clone, 'rev-list', '--count', 'HEAD'))} commits on main")
         node = Node(NodeOptions(name="bench", repo=str(remote), storage=tmp / "storage", work=tmp / "work",
                                 executor="process", heartbeat=2.0, lease=60.0, node_timeout=90.0))
         node.start()
