@@ -42,6 +42,7 @@ from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
+STARTED_DELAY_S = 3.0  # how long a start may wait to be committed with something else
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
 
@@ -123,6 +124,7 @@ class Node:
         self._first_seen: dict[str, float] = {}
         self._quiet: _Quiet | None = None
         self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
+        self._started: dict[tuple[str, str, str], float] = {}  # start facts of this life -> when recorded
         self._launch_lock = threading.Lock()
         self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
         self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
@@ -290,9 +292,16 @@ class Node:
             return True  # nothing a decision depends on has changed: the plan would be empty
         world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
         quiet = self._quiet_carried(snapshot, basis, local, resumes)
-        plan = decide(world, Me(self.name, local, facts, may_claim=may_claim), quiet)
+        fresh = self._fresh_starts(facts)
+        plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in fresh), may_claim), quiet)
+        if fresh and plan.commit_needed:  # a commit goes anyway: the fresh starts ride along
+            plan = decide(world, Me(self.name, local, facts, may_claim), quiet)
+            fresh = set()
         clock.lap("decide")
         self._remember(plan, snapshot, basis, local, resumes, inputs)
+        if fresh:  # decide again once the oldest of them is due on its own
+            due = time.monotonic() + STARTED_DELAY_S - min(time.monotonic() - self._started[key] for key in fresh)
+            self._due_at = min(self._due_at or due, due)
         self.cycles += 1
         for stop in plan.stops:
             log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
@@ -402,12 +411,24 @@ class Node:
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
+        self._started[(STARTED, claim.project, run.id)] = time.monotonic()
         self.journal.record(Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest))
         self.wake.set()
         log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
                  f" with GPU {list(run.gpus)}" if run.gpus else "")
 
     # -- timers -------------------------------------------------------------------------------
+    def _fresh_starts(self, facts: tuple[Fact, ...]) -> set[tuple[str, str, str]]:
+        """Start facts younger than STARTED_DELAY_S: they wait for the next commit, or for the delay.
+
+        A short stage's start then lands with its end, and a start with the next claim or
+        exit of this node: one status write less per run, a few seconds later at most.
+        """
+        now = time.monotonic()
+        pending = {f.key for f in facts if f.kind == STARTED}
+        self._started = {key: at for key, at in self._started.items() if key in pending}
+        return {key for key, at in self._started.items() if now - at < STARTED_DELAY_S}
+
     def _waited(self) -> dict[str, float]:
         now = time.monotonic()
         return {key: now - since for key, since in self._first_seen.items()}

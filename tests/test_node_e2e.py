@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.cluster import NodeProcess, StateRemote, git, wait_for
 
@@ -211,3 +212,22 @@ def test_a_workspace_with_a_symlink_loop_keeps_its_exit_and_says_what_was_not_li
                    15, "the result pointer in status")
     assert (run["state"], run["exit_code"], run["result"]) == ("SUCCEEDED", 0, "projects/p/results/1-a-1.yaml")
     assert any("results listed: 1 file(s), 2 could not be listed" in e["message"] for e in run["events"])
+
+
+QUICK = "name: quick\nstages:\n  - {name: q, image: none, command: [sh, -c, 'echo hi > \"$WINSLOW_WORKSPACE/out.txt\"']}\n"
+
+
+def test_a_short_run_costs_its_status_file_at_most_three_writes(cluster) -> None:
+    remote, start = cluster
+    remote.write({"pipelines/quick.yaml": QUICK,
+                  "projects/p/project.yaml": PROJECT.format(pipeline="quick", request=1, state="running")})
+    start()
+    wait_for(lambda: state_of(remote, "p") == "SUCCEEDED", 30, "the stage to succeed")
+    run = wait_for(lambda: (remote.status("p")["runs"][0] if remote.status("p")["runs"][0].get("result") else None),
+                   15, "the result manifest")
+    assert run["started"] and run["finished"] and run["exit_code"] == 0
+    commits = git(remote.remote, "log", "--reverse", "--format=%H", "main", "--", "projects/p/status.yaml").split()
+    assert 1 <= len(commits) <= 3, commits  # the claim (with the request); the start and the end; the manifest
+    states = [yaml.safe_load(git(remote.remote, "show", f"{c}:projects/p/status.yaml"))["runs"] for c in commits[1:]]
+    first_started = next(runs[0] for runs in states if runs and runs[0].get("started"))
+    assert first_started["state"] == "SUCCEEDED"  # a start younger than a few seconds rides with the end

@@ -50,7 +50,7 @@ def test_a_node_killed_mid_stage_adopts_it_on_restart_and_does_not_run_it_again(
 
 def test_facts_observed_while_the_remote_is_away_land_when_it_is_back(setup) -> None:
     remote, start, tmp = setup
-    pipeline = "name: short\nstages:\n  - {name: s, image: none, command: [sh, -c, 'sleep 2; echo done; exit 4']}\n"
+    pipeline = "name: short\nstages:\n  - {name: s, image: none, command: [sh, -c, 'sleep 6; echo done; exit 4']}\n"
     remote.write({"pipelines/short.yaml": pipeline, "projects/p/project.yaml": PROJECT.format(pipeline="short")})
     start("--lease", "120s", "--node-timeout", "240s")
     wait_for(lambda: started(remote, "p"), 30, "the stage to start")
