@@ -271,17 +271,7 @@ class Node:
                      if ref.startswith(layout.ORIGIN_NODES)}
         nodes, lost = self.liveness.observe(self.view, node_tips, snapshot, self.heartbeat.info(),
                                             self._config().node_timeout)
-        with self._launch_lock:  # read before the executor: a launch that ends meanwhile is in one or the other
-            launching = frozenset(self._launching)
-        alive = launching | frozenset((r.project, r.run_id) for r in self.executor.running())
-        facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
-        listing = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
-        listing -= {(f.project, f.run_id) for f in facts if f.kind == LISTED}
-        if listing:  # a small workspace's manifest is ready in milliseconds: one commit instead of two
-            self.lister.wait_for(listing, LISTING_GRACE_S)
-            facts = self.journal.pending()
-        ended = {(f.project, f.run_id) for f in facts if f.kind == "exited"}
-        local = alive - ended
+        local, facts = self._local_runs_and_facts()
         clock.lap("observe")
         resumes = frozenset(ref[len(layout.ORIGIN):] for ref in refs if ref.startswith(layout.ORIGIN_RESUMES))
         may_claim = self.heartbeat.may_claim
@@ -364,6 +354,20 @@ class Node:
         finally:
             with self._launch_lock:
                 self._branching.discard(branch)
+
+    def _local_runs_and_facts(self) -> tuple[frozenset[tuple[str, str]], tuple[Fact, ...]]:
+        """The runs alive on this node (being started included) and the facts not yet on main."""
+        with self._launch_lock:  # read before the executor: a launch that ends meanwhile is in one or the other
+            launching = frozenset(self._launching)
+        alive = launching | frozenset((r.project, r.run_id) for r in self.executor.running())
+        facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
+        listing = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
+        listing -= {(f.project, f.run_id) for f in facts if f.kind == LISTED}
+        if listing:  # a small workspace's manifest is ready in milliseconds: one commit instead of two
+            self.lister.wait_for(listing, LISTING_GRACE_S)
+            facts = self.journal.pending()
+        ended = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
+        return alive - ended, facts
 
     def _spec(self, claim: Claim) -> LaunchSpec | str:
         """What the executor needs to start a claimed run, or why it cannot be started."""
