@@ -77,6 +77,11 @@ class RepoView:
         return cls(git=GitReader(path), results=results)
 
     @property
+    def projects_read(self) -> int:
+        """Project entries built so far (unchanged projects are carried over, not built again)."""
+        return self._reader.projects_read
+
+    @property
     def last(self) -> Snapshot | None:
         """The snapshot read last."""
         return self._reader.last

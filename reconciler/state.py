@@ -136,6 +136,7 @@ class StateReader:
         self._misplaced: dict[str, Problem] = {}
         self._project_problems: dict[str, list[Problem]] = {}  # only projects that have problems
         self.last: Snapshot | None = None
+        self.projects_read = 0  # project entries built so far: a reader can tell a large read from a small one
 
     def _load(self, tree: Tree, path: str, reader: Callable[[Document], tuple[Any, list[Problem]]]) -> _Parsed:
         try:
@@ -187,6 +188,7 @@ class StateReader:
         self._project_problems = {}
         for project_id, files in _group_projects(entries).items():
             entry, found = self._project(tree, entries, project_id, files, pipelines)
+            self.projects_read += 1
             projects[project_id] = entry
             if found:
                 self._project_problems[project_id] = found
@@ -220,6 +222,7 @@ class StateReader:
                 continue
             added = added or project_id not in projects
             entry, found = self._project(tree, entries, project_id, [], last.pipelines)
+            self.projects_read += 1
             projects[project_id] = entry
             if found:
                 self._project_problems[project_id] = found
