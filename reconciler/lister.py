@@ -37,7 +37,6 @@ class Lister:
         self._wake = wake
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._busy = threading.Event()
         self._pending: set[tuple[str, str]] = set()
         self._listed = threading.Condition()
 
@@ -78,19 +77,12 @@ class Lister:
                 if left <= 0 or not self._listed.wait(left):
                     return
 
-    def idle(self) -> bool:
-        return self._queue.empty() and not self._busy.is_set()
-
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            self._busy.set()
-            try:
-                self._list(*item)
-            finally:
-                self._busy.clear()
+            self._list(*item)
 
     def _list(self, project: str, run_id: str) -> None:
         try:
