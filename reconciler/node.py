@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import layout
-from reconciler.clock import seconds_between, utcnow
+from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
@@ -31,20 +31,19 @@ from reconciler.journal import Journal
 from reconciler.lister import Lister
 from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
+from reconciler.memory import DecisionMemory, Inputs
 from reconciler.model import ClusterConfig
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
 from reconciler.settings import Settings
-from reconciler.snapshot import Snapshot
 from reconciler.storage import LocalStorage, read_tail
 from reconciler.wake import RemoteWatcher
 
 log = logging.getLogger("winslow.node")
 MAX_CAS_RETRIES = 20
 LARGE_READ = 1000  # projects read at once after which the snapshot is kept out of garbage collections
-STARTED_DELAY_S = 3.0  # how long a start may wait to be committed with something else
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
 
@@ -63,17 +62,6 @@ class _Clock:
 
     def __str__(self) -> str:
         return " ".join(f"{name} {ms:.0f}ms" for name, ms in self.laps)
-
-
-@dataclass(frozen=True)
-class _Quiet:
-    """The projects the last decision found quiet, and what that depended on."""
-
-    projects: frozenset[str]
-    snapshot: Snapshot
-    basis: object
-    local: frozenset[tuple[str, str]]
-    resumes: frozenset[str]
 
 
 @dataclass
@@ -136,16 +124,12 @@ class Node:
         self.hashes = HashCache(options.work / "hashes.jsonl")
         self.lister = Lister(options.work / "to-list", self._manifest, self.journal, self.wake)
         self.watcher: RemoteWatcher | None = None
-        self._first_seen: dict[str, float] = {}
-        self._quiet: _Quiet | None = None
+        self.memory = DecisionMemory()
         self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
-        self._started: dict[tuple[str, str, str], float] = {}  # start facts of this life -> when recorded
         self._launch_lock = threading.Lock()
         self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
         self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
         self._branching: set[str] = set()  # resume branches being pushed or pruned
-        self._due_at: float | None = None
-        self._inputs: object = None
         self._missing_projects: dict[str, float] = {}
         self._fetched = 0.0
         self._last_housekeeping = 0.0
@@ -295,21 +279,18 @@ class Node:
         may_claim = self.heartbeat.may_claim
         basis = (frozenset((n.name, n.cpus, n.memory, n.gpus, n.tags) for n in nodes.values()), frozenset(lost),
                  may_claim)
-        inputs = (tip, basis, frozenset(f.key for f in facts), local, resumes)
-        if inputs == self._inputs and not self._due():
+        inputs = Inputs(tip, basis, frozenset(f.key for f in facts), local, resumes)
+        if self.memory.unchanged(inputs):
             return True  # nothing a decision depends on has changed: the plan would be empty
-        world = World(snapshot, nodes, utcnow(), lost, self._waited(), resumes)
-        quiet = self._quiet_carried(snapshot, basis, local, resumes)
-        fresh = self._fresh_starts(facts)
-        plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in fresh), may_claim), quiet)
-        if fresh and plan.commit_needed:  # a commit goes anyway: the fresh starts ride along
+        world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes)
+        quiet = self.memory.quiet(snapshot, inputs)
+        held = self.memory.fresh_starts(facts)
+        plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim), quiet)
+        if held and plan.commit_needed:  # a commit goes anyway: the held starts ride along
             plan = decide(world, Me(self.name, local, facts, may_claim), quiet)
-            fresh = set()
+            held = set()
         clock.lap("decide")
-        self._remember(plan, snapshot, basis, local, resumes, inputs)
-        if fresh:  # decide again once the oldest of them is due on its own
-            due = time.monotonic() + STARTED_DELAY_S - min(time.monotonic() - self._started[key] for key in fresh)
-            self._due_at = min(self._due_at or due, due)
+        self.memory.remember(plan, snapshot, inputs, held)
         self.cycles += 1
         for stop in plan.stops:
             log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
@@ -433,64 +414,15 @@ class Node:
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
-        self._started[(STARTED, claim.project, run.id)] = time.monotonic()
-        self.journal.record(Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest))
+        fact = Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest)
+        self.memory.started(fact)
+        self.journal.record(fact)
         self.wake.set()
         log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
                  f" with GPU {list(run.gpus)}" if run.gpus else "")
 
-    # -- timers -------------------------------------------------------------------------------
-    def _fresh_starts(self, facts: tuple[Fact, ...]) -> set[tuple[str, str, str]]:
-        """Start facts younger than STARTED_DELAY_S: they wait for the next commit, or for the delay.
-
-        A short stage's start then lands with its end, and a start with the next claim or
-        exit of this node: one status write less per run, a few seconds later at most.
-        """
-        now = time.monotonic()
-        pending = {f.key for f in facts if f.kind == STARTED}
-        self._started = {key: at for key, at in self._started.items() if key in pending}
-        return {key for key, at in self._started.items() if now - at < STARTED_DELAY_S}
-
-    def _waited(self) -> dict[str, float]:
-        now = time.monotonic()
-        return {key: now - since for key, since in self._first_seen.items()}
-
-    def _remember(self, plan: Plan, snapshot: Snapshot, basis: object, local: frozenset[tuple[str, str]],
-                  resumes: frozenset[str], inputs: object) -> None:
-        """What the next cycle needs to decide only what changed: the quiet projects, timers, the inputs."""
-        now = time.monotonic()
-        self._first_seen = {key: self._first_seen.get(key, now) for key in plan.waiting}
-        self._quiet = _Quiet(plan.quiet, snapshot, basis, local, resumes)
-        wait = seconds_between(utcnow(), plan.due) if plan.due else None
-        self._due_at = now + max(0.0, wait) if wait is not None else None
-        # A plan that does something is followed by a cycle on its own commit; only an empty one may be skipped.
-        empty = not (plan.commit_needed or plan.claims or plan.stops or plan.resumes or plan.stale_branches)
-        self._inputs = inputs if empty else None
-
-    def _quiet_carried(self, snapshot: Snapshot, basis: object, local: frozenset[tuple[str, str]],
-                       resumes: frozenset[str]) -> frozenset[str]:
-        """The projects still quiet: quiet last time, the same entry (unchanged files), the same local runs and
-        resume branches, with the same live and lost nodes."""
-        last = self._quiet
-        if last is None or last.basis != basis:
-            return frozenset()
-        moved = {project for project, _ in local ^ last.local}
-        moved |= {named[0] for named in map(layout.parse_resume_branch, resumes ^ last.resumes) if named}
-        before = last.snapshot.projects
-        return frozenset(p for p in last.projects if p not in moved and snapshot.projects.get(p) is before.get(p))
-
-    def _due(self) -> bool:
-        """Time alone may change a decision now: a grace period running, or a gate timing out."""
-        return bool(self._first_seen) or (self._due_at is not None and time.monotonic() >= self._due_at)
-
     def _sleep_budget(self) -> float:
-        config = self._config()
-        budget = config.poll * 5
-        if self._first_seen:
-            budget = min(budget, config.grace / 2)
-        if self._due_at is not None:
-            budget = min(budget, self._due_at - time.monotonic())
-        return max(0.05, min(budget, config.node_timeout / 3))
+        return self.memory.sleep_budget(self._config())
 
     def _housekeeping(self) -> None:
         """Remove the storage of projects deleted from the repo, after the cleanup grace period."""
