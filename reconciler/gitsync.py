@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 import zlib
@@ -33,6 +34,14 @@ def _parse_tree(data: bytes) -> dict[str, tuple[str, str]]:
         entries[data[space + 1:nul].decode("utf-8", "surrogateescape")] = (mode, data[nul + 1:nul + 21].hex())
         at = nul + 21
     return entries
+
+
+SPLICE_FROM = 16 * 1024  # trees at least this large are edited in place rather than rebuilt
+_ENTRY = re.compile(rb"([0-7]{5,6}) ([^\0]+)\0(.{20})", re.S)
+
+
+class _Rebuild(Exception):
+    """The tree cannot be edited in place."""
 
 
 class Mirror:
@@ -81,6 +90,11 @@ class Mirror:
         return self._write(b"commit", "\n".join(lines).encode("utf-8"))
 
     def _tree(self, data: bytes | None, changes: dict[str, bytes | None]) -> str | None:
+        if data is not None and len(data) >= SPLICE_FROM:
+            try:
+                return self._splice(data, changes)
+            except _Rebuild:
+                pass
         entries = _parse_tree(data) if data is not None else {}
         nested: dict[str, dict[str, bytes | None]] = {}
         for path, content in changes.items():
@@ -104,6 +118,45 @@ class Mirror:
         order = sorted(entries, key=lambda n: n + "/" if entries[n][0] == "40000" else n)
         body = b"".join(f"{entries[n][0]} {n}".encode() + b"\0" + bytes.fromhex(entries[n][1]) for n in order)
         return self._write(b"tree", body)
+
+    def _splice(self, data: bytes, changes: dict[str, bytes | None]) -> str | None:
+        """A large tree (`projects/` of thousands of projects) edited in place: only the changed entries are
+        rewritten, in the order they already have. `_Rebuild` when an entry would be added or change kind
+        (its place in git's order could move): then the tree is built whole."""
+        found = {m.group(2): m for m in _ENTRY.finditer(data)}
+        if sum(m.end() - m.start() for m in found.values()) != len(data):
+            raise _Rebuild
+        nested: dict[bytes, dict[str, bytes | None]] = {}
+        edits: list[tuple[int, int, bytes]] = []
+        for path, content in changes.items():
+            head, _, rest = path.partition("/")
+            name = head.encode("utf-8", "surrogateescape")
+            entry = found.get(name)
+            if rest:
+                nested.setdefault(name, {})[rest] = content
+            elif entry is None:
+                if content is not None:
+                    raise _Rebuild
+            elif content is None:
+                edits.append((entry.start(), entry.end(), b""))
+            elif entry.group(1) == b"40000":
+                raise _Rebuild
+            else:
+                edits.append((entry.start(), entry.end(),
+                              b"100644 " + name + b"\0" + bytes.fromhex(self._write(b"blob", content))))
+        for name, inner_changes in nested.items():
+            entry = found.get(name)
+            if entry is None or entry.group(1) != b"40000":
+                raise _Rebuild
+            sha = self._tree(self.reader.cat.read(entry.group(3).hex()), inner_changes)
+            new = b"" if sha is None else b"40000 " + name + b"\0" + bytes.fromhex(sha)
+            edits.append((entry.start(), entry.end(), new))
+        pieces, at = [], 0
+        for start, end, new in sorted(edits):
+            pieces += [data[at:start], new]
+            at = end
+        body = b"".join(pieces) + data[at:]
+        return self._write(b"tree", body) if body else None
 
     def _write(self, kind: bytes, data: bytes) -> str:
         raw = kind + b" " + str(len(data)).encode() + b"\0" + data

@@ -50,3 +50,37 @@ def test_a_push_on_a_stale_tip_is_rejected_and_leaves_the_remote_alone(mirror: M
     remote_main = subprocess.run(["git", "--git-dir", str(tmp_path / "remote.git"), "rev-parse", "main"],
                                  capture_output=True, text=True).stdout.strip()
     assert remote_main == first
+
+
+def test_a_large_tree_edited_in_place_is_the_tree_git_builds(mirror: Mirror, tmp_path: Path) -> None:
+    """Thousands of project folders: changes, deletions and additions give exactly git's own tree."""
+    tip = mirror.reader.resolve(ORIGIN_MAIN)
+    many = {f"projects/p{i:04d}/project.yaml": f"pipeline: demo\nname: {i}\n".encode() for i in range(1500)}
+    many["projects/p0007.txt"] = b"a file beside the folders\n"
+    base = mirror.commit(tip, many, "many projects")
+    edits: dict[str, bytes | None] = {
+        "projects/p0003/status.yaml": b"state: IDLE\n",         # a new file in an existing folder: in place
+        "projects/p0004/project.yaml": b"pipeline: other\n",    # a changed file: in place
+        "projects/p0005/project.yaml": None,                    # a folder emptied: its entry goes
+        "projects/p0007.txt": None,                             # a file deleted at this level
+        "projects/p0007-new/project.yaml": b"pipeline: demo\n",  # a new folder: the tree is rebuilt
+    }
+    for step in ({k: v for k, v in edits.items() if k != "projects/p0007-new/project.yaml"}, edits):
+        ours = mirror.commit(base, step, "edit")
+        clone = tmp_path / f"check-{len(step)}"
+        subprocess.run(["git", "clone", "-q", str(mirror.path), str(clone)], check=True, capture_output=True)
+        subprocess.run(["git", "checkout", "-q", base], cwd=clone, check=True, capture_output=True)
+        for path, content in step.items():
+            if content is None:
+                subprocess.run(["git", "rm", "-q", path], cwd=clone, check=True, capture_output=True)
+            else:
+                (clone / path).parent.mkdir(parents=True, exist_ok=True)
+                (clone / path).write_bytes(content)
+                subprocess.run(["git", "add", path], cwd=clone, check=True, capture_output=True)
+        expected = subprocess.run(["git", "write-tree"], cwd=clone, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        got = subprocess.run(["git", "rev-parse", f"{ours}^{{tree}}"], cwd=mirror.path, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert got == expected
+    fsck = subprocess.run(["git", "fsck", "--strict", "--no-dangling"], cwd=mirror.path, capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
