@@ -87,6 +87,12 @@ def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], wor
     return ProcessExecutor(name, on_exit, work / "processes")
 
 
+def _only_starts(plan: Plan, held: set[tuple[str, str, str]]) -> bool:
+    """True when the plan's commit could carry nothing but the held start facts."""
+    started = {project for _, project, _ in held}
+    return not (plan.claims or plan.finished or plan.locks) and set(plan.statuses) <= started
+
+
 def _keep_out_of_collections() -> None:
     """After a large read: the snapshot's many long-lived objects leave the cyclic collector's scans.
 
@@ -285,9 +291,11 @@ class Node:
         world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes)
         quiet = self.memory.quiet(snapshot, inputs)
         held = self.memory.fresh_starts(facts)
-        plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim), quiet)
-        if held and plan.commit_needed:  # a commit goes anyway: the held starts ride along
-            plan = decide(world, Me(self.name, local, facts, may_claim), quiet)
+        plan = decide(world, Me(self.name, local, facts, may_claim), quiet)
+        if held and _only_starts(plan, held):  # nothing else to commit: the fresh starts wait for company
+            alone = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim), quiet)
+            plan, held = (plan, set()) if alone.commit_needed else (alone, held)
+        else:
             held = set()
         clock.lap("decide")
         self.memory.remember(plan, snapshot, inputs, held)
