@@ -123,8 +123,16 @@ class Mirror:
         """A large tree (`projects/` of thousands of projects) edited in place: only the changed entries are
         rewritten, in the order they already have. `_Rebuild` when an entry would be added or change kind
         (its place in git's order could move): then the tree is built whole."""
-        found = {m.group(2): m for m in _ENTRY.finditer(data)}
-        if sum(m.end() - m.start() for m in found.values()) != len(data):
+        wanted = {path.partition("/")[0].encode("utf-8", "surrogateescape") for path in changes}
+        found: dict[bytes, re.Match[bytes]] = {}
+        at = 0
+        for match in _ENTRY.finditer(data):  # one pass, checking the entries follow each other exactly
+            if match.start() != at:
+                raise _Rebuild
+            at = match.end()
+            if match.group(2) in wanted:
+                found[match.group(2)] = match
+        if at != len(data):
             raise _Rebuild
         nested: dict[bytes, dict[str, bytes | None]] = {}
         edits: list[tuple[int, int, bytes]] = []

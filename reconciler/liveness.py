@@ -34,7 +34,7 @@ class Liveness:
             elif node.info is not None:
                 live[name] = node.info
         now = time.monotonic()
-        holders = {r.node for e in snapshot.projects.values() for r in e.status.active if r.node}
+        holders = {run.node for _, run in snapshot.active_runs if run.node}
         for name in holders - set(tips) - {self.me}:
             first = self._unknown.setdefault(name, now)
             if now - first >= timeout:

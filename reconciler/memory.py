@@ -69,6 +69,10 @@ class DecisionMemory:
             return frozenset()
         moved = {project for project, _ in inputs.local ^ last.inputs.local}
         moved |= {named[0] for named in map(layout.parse_resume_branch, inputs.resumes ^ last.inputs.resumes) if named}
+        if snapshot is last.snapshot:
+            return last.projects - moved
+        if snapshot.changed is not None and snapshot.base == last.snapshot.commit:
+            return last.projects - snapshot.changed - moved  # read as the difference: the rest are the same objects
         before = last.snapshot.projects
         return frozenset(p for p in last.projects if p not in moved and snapshot.projects.get(p) is before.get(p))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from reconciler.units import parse_duration, parse_size
@@ -321,9 +322,10 @@ class Status:
     def run(self, run_id: str) -> Run | None:
         return next((r for r in self.runs if r.id == run_id), None)
 
-    @property
-    def active(self) -> list[Run]:
-        return [r for r in self.runs if r.state is RunState.RUNNING]
+    @cached_property
+    def active(self) -> tuple[Run, ...]:
+        """The RUNNING runs (computed once: a status never changes)."""
+        return tuple(r for r in self.runs if r.state is RunState.RUNNING)
 
     def with_run(self, run: Run) -> Status:
         runs = tuple(run if r.id == run.id else r for r in self.runs)

@@ -40,6 +40,10 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     files: int = 0
     pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
+    # Read as the difference from the snapshot of commit `base`: the projects read again (the rest are the
+    # same objects). None when it was read whole.
+    base: str | None = field(default=None, compare=False)
+    changed: frozenset[str] | None = field(default=None, compare=False)
 
     @cached_property
     def active_runs(self) -> tuple[tuple[str, Run], ...]:

@@ -229,7 +229,7 @@ class StateReader:
         if added:  # every node must see projects in the same order: placement goes by it
             projects = dict(sorted(projects.items()))
         return Snapshot(commit, last.config, last.pipelines, projects, self._problems(), len(entries),
-                        last.pipeline_problems)
+                        last.pipeline_problems, base=last.commit, changed=frozenset(affected))
 
     def _problems(self) -> tuple[Problem, ...]:
         found = list(self._general) + list(self._misplaced.values())
