@@ -31,6 +31,14 @@ def git_env(identity: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def local_remote(url: str) -> Path | None:
+    """The folder of a remote on this machine's disk, if it is one."""
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if "://" in url and not url.startswith("file://") or ":" in url.split("/")[0]:
+        return None
+    return path if (path / "refs").is_dir() or (path / ".git" / "refs").is_dir() else None
+
+
 def has_identity(cwd: Path) -> bool:
     result = subprocess.run(["git", "config", "user.email"], cwd=cwd, capture_output=True, text=True)
     return result.returncode == 0 and bool(result.stdout.strip())

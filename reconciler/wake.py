@@ -11,17 +11,9 @@ import threading
 from pathlib import Path
 
 from reconciler.errors import GitError
-from reconciler.gitcmd import git
+from reconciler.gitcmd import git, local_remote
 
 log = logging.getLogger(__name__)
-
-
-def local_remote(url: str) -> Path | None:
-    """The folder of a remote on this machine's disk, if it is one."""
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
-    if "://" in url and not url.startswith("file://") or ":" in url.split("/")[0]:
-        return None
-    return path if (path / "refs").is_dir() or (path / ".git" / "refs").is_dir() else None
 
 
 class RemoteWatcher:

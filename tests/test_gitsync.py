@@ -1,6 +1,7 @@
 """The node's mirror: commits written straight to the object store, and push as compare-and-swap."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -84,3 +85,32 @@ def test_a_large_tree_edited_in_place_is_the_tree_git_builds(mirror: Mirror, tmp
         assert got == expected
     fsck = subprocess.run(["git", "fsck", "--strict", "--no-dangling"], cwd=mirror.path, capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_mirror_of_a_remote_on_this_disk_borrows_its_objects_instead_of_copying_them(mirror: Mirror,
+                                                                                     tmp_path: Path) -> None:
+    alternates = mirror.path / "objects" / "info" / "alternates"
+    assert alternates.read_text().strip() == str((tmp_path / "remote.git" / "objects").resolve())
+    clone = tmp_path / "clone"
+    (clone / "projects" / "new").mkdir(parents=True, exist_ok=True)
+    (clone / "projects" / "new" / "project.yaml").write_text("pipeline: demo\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "u", "GIT_AUTHOR_EMAIL": "u@x", "GIT_COMMITTER_NAME": "u",
+           "GIT_COMMITTER_EMAIL": "u@x"}
+    for args in (["add", "-A"], ["commit", "-qm", "new"], ["push", "-q", "origin", "HEAD:main"]):
+        subprocess.run(["git", *args], cwd=clone, env=env, check=True, capture_output=True)
+    mirror.fetch()
+    tip = mirror.reader.resolve(ORIGIN_MAIN)
+    assert tip is not None and mirror.reader.read(tip, "projects/new/project.yaml") == b"pipeline: demo\n"
+    alternates.unlink()  # without the remote's store, the fetched commit is not in the mirror's own
+    missing = subprocess.run(["git", "cat-file", "-e", f"{tip}:projects/new/project.yaml"], cwd=mirror.path,
+                             capture_output=True)
+    assert missing.returncode != 0
+    mirror.open()  # opening again lends the store again
+    assert alternates.exists()
+
+
+def test_a_mirror_of_a_network_remote_keeps_its_own_objects(tmp_path: Path) -> None:
+    far = Mirror("http://127.0.0.1:9/state.git", tmp_path / "far.git")
+    far.open()
+    assert not (far.path / "objects" / "info" / "alternates").exists()
+    far.close()
