@@ -27,7 +27,6 @@ import argparse
 import gc
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _host import describe  # bench/ is the script's folder: its first import path
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
@@ -115,18 +116,6 @@ def rss_mb() -> float:
     return 0.0
 
 
-def machine() -> str:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--projects", type=int, default=10_000)
@@ -157,7 +146,7 @@ def main() -> int:
         if args.history:
             add_history(clone, args.history)
         generate(clone, args.projects)
-        print(f"machine: {machine()}")
+        print(f"machine: {describe()}")
         print(f"source:  {source} ({git(source, 'rev-parse', '--short', 'HEAD').strip()})")
         print(f"repo:    {args.projects} paused projects on {len(PIPELINES)} pipelines, "
               f"{int(git(clone, 'rev-list', '--count', 'HEAD'))} commits on main")

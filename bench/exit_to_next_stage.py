@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _host import describe  # bench/ is the script's folder: its first import path
 
 HERE = Path(__file__).resolve().parent.parent
 IDENTITY = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@winslow", "GIT_COMMITTER_NAME": "bench",
@@ -246,11 +246,8 @@ def timed(command: list[str]) -> float:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores, {model}, {memory:.0f} GiB memory, Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return describe(f"{memory:.0f} GiB memory")
 
 
 def report(results: list[dict[str, float]], code: str) -> None:

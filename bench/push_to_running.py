@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import docker
+from _host import describe  # bench/ is the script's folder: its first import path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reconciler.commands.init import init_repo  # noqa: E402
@@ -59,10 +59,8 @@ def ensure_image(client: docker.DockerClient) -> None:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     git_version = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.split()[-1]
-    return f"{os.cpu_count()} cores, {model}, Linux {platform.release()}, git {git_version}"
+    return describe(f"git {git_version}")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -20,7 +20,6 @@ import argparse
 import cProfile
 import io
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _host import describe  # bench/ is the script's folder: its first import path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "state-repo-template"
@@ -159,16 +159,7 @@ def load_all(root: Path) -> int:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, PyYAML {yaml.__version__}" \
-           f" ({'libyaml' if yaml.__with_libyaml__ else 'no libyaml'})"
+    return describe(f"PyYAML {yaml.__version__} ({'libyaml' if yaml.__with_libyaml__ else 'no libyaml'})")
 
 
 def profile(root: Path, top: int) -> str:
