@@ -200,14 +200,10 @@ class Mirror:
         self.push([f"{commit}:{layout.MAIN_REF}"], timeout=timeout)
         self.git("update-ref", layout.ORIGIN_MAIN, commit)
 
-    def push_branch(self, branch: str, commit: str | None, force: bool = False) -> None:
-        """Create, move (or, with `commit` None, delete) a branch on the remote, and its remote-tracking ref here."""
-        source = "" if commit is None else ("+" if force else "") + commit
-        self.push([f"{source}:refs/heads/{branch}"])
-        if commit is None:
-            self.git("update-ref", "-d", layout.ORIGIN + branch)
-        else:
-            self.git("update-ref", layout.ORIGIN + branch, commit)
+    def push_branch(self, branch: str, commit: str) -> None:
+        """Create or move a branch on the remote (no force: it must move forward), and its tracking ref here."""
+        self.push([f"{commit}:refs/heads/{branch}"])
+        self.git("update-ref", layout.ORIGIN + branch, commit)
 
     def close(self) -> None:
         self.reader.close()

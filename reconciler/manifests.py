@@ -169,12 +169,7 @@ class HashCache:
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                try:
-                    self._file.close()
-                except OSError:
-                    pass
-                self._file = None
+            self._close_file()
 
     def __enter__(self) -> HashCache:
         return self
@@ -240,13 +235,16 @@ class HashCache:
             return
         self._lines = len(self._entries)
 
-    def _drop_file(self) -> None:
+    def _close_file(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
             except OSError:
                 pass
         self._file = None
+
+    def _drop_file(self) -> None:
+        self._close_file()
         self.path = None
 
 

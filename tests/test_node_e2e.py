@@ -51,6 +51,14 @@ def state_of(remote: StateRemote, project: str) -> str | None:
     return remote.status(project).get("state")
 
 
+def listed_run(remote: StateRemote, project: str) -> dict:
+    """The project's first run once its result manifest is recorded (it lands after the exit, or with it)."""
+    def listed() -> dict | None:
+        runs = remote.status(project).get("runs") or []
+        return runs[0] if runs and runs[0].get("result") else None
+    return wait_for(listed, 15, f"the result manifest of {project}")
+
+
 def test_pipeline_runs_through_gate_approved_by_merging_resume_branch(cluster, tmp_path: Path) -> None:
     remote, start = cluster
     remote.write({"pipelines/cpu.yaml": PIPELINE.format(image="none", gate="true"),
@@ -208,8 +216,7 @@ def test_a_workspace_with_a_symlink_loop_keeps_its_exit_and_says_what_was_not_li
     wait_for(lambda: state_of(remote, "p") == "SUCCEEDED", 30, "the stage to succeed")
     manifest = wait_for(lambda: remote.read("projects/p/results/1-a-1.yaml"), 15, "the result manifest")
     assert "path: out.txt" in manifest and "unlisted:" in manifest and "path: a" in manifest
-    run = wait_for(lambda: (remote.status("p")["runs"][0] if remote.status("p")["runs"][0].get("result") else None),
-                   15, "the result pointer in status")
+    run = listed_run(remote, "p")
     assert (run["state"], run["exit_code"], run["result"]) == ("SUCCEEDED", 0, "projects/p/results/1-a-1.yaml")
     assert any("results listed: 1 file(s), 2 could not be listed" in e["message"] for e in run["events"])
 
@@ -223,8 +230,7 @@ def test_a_short_run_costs_its_status_file_at_most_three_writes(cluster) -> None
                   "projects/p/project.yaml": PROJECT.format(pipeline="quick", request=1, state="running")})
     start()
     wait_for(lambda: state_of(remote, "p") == "SUCCEEDED", 30, "the stage to succeed")
-    run = wait_for(lambda: (remote.status("p")["runs"][0] if remote.status("p")["runs"][0].get("result") else None),
-                   15, "the result manifest")
+    run = listed_run(remote, "p")
     assert run["started"] and run["finished"] and run["exit_code"] == 0
     commits = git(remote.remote, "log", "--reverse", "--format=%H", "main", "--", "projects/p/status.yaml").split()
     assert 1 <= len(commits) <= 3, commits  # the claim (with the request); the start and the end; the manifest

@@ -17,8 +17,8 @@ from reconciler.commands.init import init_repo
 from reconciler.errors import ConfigError, WinslowError
 from reconciler.gitcmd import IDENTITY, git, git_env
 from reconciler.model import Status
+from reconciler.repoview import RepoView
 from reconciler.wake import RemoteWatcher
-from reconciler.yamlsafe import parse_yaml
 
 PROJECT = "demo-traffic"
 IMAGE = "winslow-demo/python:3"
@@ -117,12 +117,11 @@ def push_project(repo: Path) -> None:
     git(repo, "push", "-q", "origin", "main", env=env)
 
 
-def read_status(remote: Path) -> Status:
-    result = subprocess.run(["git", "--git-dir", str(remote), "show", f"main:{layout.status_file(PROJECT)}"],
-                            capture_output=True)
-    if result.returncode != 0:
-        return Status()
-    return Status.from_dict(parse_yaml(result.stdout, "status.yaml").data)
+def read_status(view: RepoView) -> Status:
+    """The demo project's status on the remote's main, through the same read path as `winslow status`."""
+    tip = view.tip(layout.MAIN_REF)
+    entry = view.project(PROJECT, tip)[0] if tip else None
+    return entry.status if entry is not None else Status()
 
 
 def start_node(root: Path, remote: Path, storage: Path, executor: str) -> subprocess.Popen[bytes]:
@@ -142,13 +141,15 @@ def follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes], 
     """Print each change of state and run; approve the gate once; return the final status."""
     watcher = RemoteWatcher(str(remote), threading.Event(), poll=1.0)
     watcher.start()
+    view = RepoView.of_repository(remote)
     try:
-        return _follow(root, repo, remote, node, deadline, watcher.wake)
+        return _follow(root, repo, view, node, deadline, watcher.wake)
     finally:
         watcher.stop()
+        view.close()
 
 
-def _follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes], deadline: float,
+def _follow(root: Path, repo: Path, view: RepoView, node: subprocess.Popen[bytes], deadline: float,
             wake: threading.Event) -> Status:
     seen: set[str] = set()
     approved = False
@@ -156,7 +157,7 @@ def _follow(root: Path, repo: Path, remote: Path, node: subprocess.Popen[bytes],
         wake.clear()
         if node.poll() is not None:
             raise WinslowError(f"the node stopped (exit {node.returncode}); see {root / 'node.log'}")
-        status = read_status(remote)
+        status = read_status(view)
         for run in status.runs:
             for key, text in ((f"{run.id}:claim", f"  {run.id}: {run.stage} claimed by {run.node}"),
                               (f"{run.id}:{run.state.value}", None)):
