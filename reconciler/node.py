@@ -132,7 +132,7 @@ class Node:
         self.watcher: RemoteWatcher | None = None
         self.memory = DecisionMemory()
         self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
-        self._launch_lock = threading.Lock()
+        self._pending_lock = threading.Lock()  # guards the launches and branch pushes under way
         self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
         self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
         self._branching: set[str] = set()  # resume branches being pushed or pruned
@@ -329,7 +329,7 @@ class Node:
         self.journal.settle(plan.settled)
         for claim, spec in launches:  # started beside the cycle: exits and new claims need not wait for them
             key = (claim.project, claim.run.id)
-            with self._launch_lock:
+            with self._pending_lock:
                 self._launching.add(key)
             self._launcher.submit(self._launch_beside, key, claim, spec)
         clock.lap("launch")
@@ -346,7 +346,7 @@ class Node:
         work: list[tuple[str, Resume | None]] = [(layout.resume_branch(r.project, r.request), r) for r in plan.resumes]
         work += [(branch, None) for branch in plan.stale_branches]
         for branch, resume in work:
-            with self._launch_lock:
+            with self._pending_lock:
                 if branch in self._branching:
                     continue
                 self._branching.add(branch)
@@ -359,12 +359,12 @@ class Node:
             else:
                 prune_branches(self.repo, [branch])
         finally:
-            with self._launch_lock:
+            with self._pending_lock:
                 self._branching.discard(branch)
 
     def _local_runs_and_facts(self) -> tuple[frozenset[tuple[str, str]], tuple[Fact, ...]]:
         """The runs alive on this node (being started included) and the facts not yet on main."""
-        with self._launch_lock:  # read before the executor: a launch that ends meanwhile is in one or the other
+        with self._pending_lock:  # read before the executor: a launch that ends meanwhile is in one or the other
             launching = frozenset(self._launching)
         alive = launching | frozenset((r.project, r.run_id) for r in self.executor.running())
         facts = self.journal.pending()  # read after `alive`: a run gone from it has its exit here
@@ -407,7 +407,7 @@ class Node:
         except Exception:  # noqa: BLE001 - _launch records every failure it knows; this is a bug, logged
             log.exception("%s/%s: launch failed", *key)
         finally:  # after its fact or its run is there: the cycle sees it in one place or another
-            with self._launch_lock:
+            with self._pending_lock:
                 self._launching.discard(key)
 
     def _launch(self, claim: Claim, spec: LaunchSpec | str) -> None:
