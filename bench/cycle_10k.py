@@ -24,9 +24,11 @@ Everything it creates (a temp folder, the processes its stages start) is removed
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import logging
 import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -123,6 +125,7 @@ def main() -> int:
     parser.add_argument("--pushes", type=int, default=5, help="pushes to one project to time")
     parser.add_argument("--source", type=Path, help="a checkout whose reconciler to measure (default: this one)")
     parser.add_argument("--phases", action="store_true", help="log each cycle's phases (the node's debug log)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the cycles after the pushes")
     parser.add_argument("--history", type=int, default=0,
                         help="commits to put under main first (100000: a repo with a long past)")
     args = parser.parse_args()
@@ -179,15 +182,23 @@ def main() -> int:
         tracked = len(gc.get_objects())
 
         pushed, user_pushes = [], []
+        profiler = cProfile.Profile() if args.profile else None
         for k in range(args.pushes):
             i = 1 + k * (args.projects // max(1, args.pushes))
             user_pushes.append(push_running(clone, i, args.projects))
             began = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             node.step()
+            if profiler is not None:
+                profiler.disable()
             pushed.append(time.perf_counter() - began)
             status = git(remote, "show", f"main:projects/p{i:05d}/status.yaml")
             if "RUNNING" not in status and "SUCCEEDED" not in status and "WAITING" not in status:
                 print(f"warning: p{i:05d} did not start in that cycle")
+
+        if profiler is not None:
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
 
         def ms(values: list[float]) -> str:
             return f"{statistics.median(values) * 1000:8.0f} ms   (min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
