@@ -204,6 +204,7 @@ def main() -> int:
             return 1
 
         with tempfile.TemporaryDirectory() as empty:
+            (Path(empty) / "winslow.yaml").write_text("version: 1\n")  # a folder without it is not a state repo
             startup, _ = median_time(args.runs, lambda: run_validate(Path(empty)))
         validate, _ = median_time(args.runs, lambda: run_validate(root))
         read, _ = median_time(args.runs, lambda: read_all(root))

@@ -178,6 +178,24 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
     return (None, sorted(set(problems))) if problems else (Project.from_dict(project_id, data), [])
 
 
+def lowered_request(doc: Document, observed: int, status_path: str) -> Problem | None:
+    """A `run.request` below the request the nodes have already observed: they ignore it, requests only go up.
+
+    Only `winslow validate` asks this. To a node the project is not invalid: it goes on
+    with the request it observed, so this check stays out of `read_project`.
+    A project.yaml without `run.request` states no request and is left alone.
+    """
+    data = doc.data if isinstance(doc.data, dict) else {}
+    request = section(data, "run").get("request")
+    if isinstance(request, float) and request.is_integer():
+        request = int(request)  # 2.0 is an integer to the schema, as in status.yaml
+    if isinstance(request, bool) or not isinstance(request, int) or not 0 <= request < observed:
+        return None  # absent, not lowered, or a value the schema refuses (it reports those)
+    return doc.problem(("run", "request"), f"run.request {request} is below request {observed} that the nodes "
+                                           f"already acted on ({status_path}), so they ignore it: requests only "
+                                           f"go up ({observed} keeps that execution, {observed + 1} starts a new one)")
+
+
 def _fill(arg: str, values: Mapping[str, str]) -> str:
     """`${VAR}` in one command argument replaced from `values` (unknown names stay)."""
     return _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)

@@ -34,7 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CASES_DIR = Path(__file__).resolve().parent / "broken-repos"
 TEMPLATE = REPO_ROOT / "state-repo-template"
 PROBLEM_LINE = re.compile(r"^(?P<path>[^:\n]+):(?P<line>[1-9][0-9]*):(?P<column>[1-9][0-9]*): (?P<message>.+)$")
-SUMMARY = re.compile(r"^(?P<count>\d+) errors?: \d+ files, \d+ pipelines, \d+ projects checked in .+$")
+SUMMARY = re.compile(r"^(?P<count>\d+) errors?: \d+ files?, \d+ pipelines?, \d+ projects? checked in .+$")
+COUNTED = re.compile(r"(\d+) (error|file|pipeline|project)(s?)\b")
 
 
 def winslow(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
@@ -60,6 +61,14 @@ def _case_params() -> list[object]:
 
 def expected_lines(case: str) -> list[str]:
     return (CASES_DIR / case / "expected.txt").read_text(encoding="utf-8").splitlines()
+
+
+def assert_plurals_agree(summary: str) -> None:
+    """`1 file`, `0 files`, `2 files`: every count in the summary line takes the right form of its noun."""
+    counted = COUNTED.findall(summary)
+    assert counted, summary
+    for number, noun, plural in counted:
+        assert (plural == "s") == (number != "1"), f"'{number} {noun}{plural}' in {summary!r}"
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,7 @@ def test_broken_repo_prints_exactly_the_expected_problems(validated, case):
     summary = result.stderr.splitlines()
     assert len(summary) == 1 and SUMMARY.match(summary[0]), result.stderr
     assert int(SUMMARY.match(summary[0])["count"]) == len(expected_lines(case))
+    assert_plurals_agree(summary[0])
 
 
 @pytest.mark.parametrize("case", _case_params())
@@ -129,7 +139,7 @@ def test_text_output_prefixes_paths_with_the_folder_given():
 def test_template_validates_clean_with_a_one_line_summary():
     result = winslow("validate", "state-repo-template")
     assert (result.returncode, result.stderr) == (0, "")
-    assert re.fullmatch(r"ok: \d+ files, 2 pipelines, 1 projects checked in state-repo-template\n", result.stdout)
+    assert re.fullmatch(r"ok: \d+ files, 2 pipelines, 1 project checked in state-repo-template\n", result.stdout)
 
 
 def test_template_validates_clean_as_json():
@@ -171,10 +181,40 @@ def test_a_file_instead_of_a_folder_gives_one_line_and_exit_1(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_an_empty_folder_is_a_valid_empty_state_repo(tmp_path):
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_a_folder_that_is_not_a_state_repo_is_one_line_on_stderr_and_exit_1(tmp_path, output):
+    """Checking nothing and saying ok would turn a CI job pointed at the wrong folder green."""
+    (tmp_path / "README.md").write_text("not a state repo\n")
+    (tmp_path / "src").mkdir()
+    result = winslow("validate", str(tmp_path), "--format", output)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"winslow: {tmp_path}: not a Winslow state repo: no winslow.yaml, pipelines/ or "
+                             f"projects/ (create one with winslow init)\n")
+
+
+def test_an_empty_folder_is_not_a_state_repo(tmp_path):
+    result = winslow("validate", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("winslow: .: not a Winslow state repo") and result.stderr.count("\n") == 1
+
+
+def test_a_state_repo_with_only_winslow_yaml_is_valid_and_counts_one_file(tmp_path):
+    (tmp_path / "winslow.yaml").write_text("version: 1\n")
     result = winslow("validate", str(tmp_path))
-    assert result.returncode == 0
-    assert result.stdout.startswith("ok: 0 files, 0 pipelines, 0 projects")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"ok: 1 file, 0 pipelines, 0 projects checked in {tmp_path}\n"
+
+
+def test_a_state_repo_with_only_pipelines_is_valid(tmp_path):
+    shutil.copytree(TEMPLATE / "pipelines", tmp_path / "pipelines")
+    result = winslow("validate", str(tmp_path))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"ok: 2 files, 2 pipelines, 0 projects checked in {tmp_path}\n"
+
+
+def test_one_error_one_pipeline_and_one_project_are_singular():
+    result = winslow("validate", cwd=CASES_DIR / "request-lowered")
+    assert result.stderr == "1 error: 6 files, 1 pipeline, 2 projects checked in .\n"
 
 
 def test_tab_indentation_error_names_the_tab():
@@ -217,12 +257,44 @@ def test_a_fifo_named_project_yaml_does_not_hang_the_validator(tmp_path):
     assert "regular file" in result.stdout, result.stdout
 
 
-def _repo_with_status(root: Path, runs: str) -> Path:
-    """The template plus a status.yaml for its project holding `runs`."""
+def _repo_with_status(root: Path, runs: str, observed: int = 1, request: int = 1) -> Path:
+    """The template plus a status.yaml for its project holding `runs`, its project at run.request `request`."""
     shutil.copytree(TEMPLATE, root)
     project = next((root / "projects").iterdir())
-    (project / "status.yaml").write_text(f"state: RUNNING\nobserved_request: 1\nruns:\n{runs}")
+    text = (project / "project.yaml").read_text()
+    (project / "project.yaml").write_text(text.replace("  request: 0 ", f"  request: {request} ", 1))
+    (project / "status.yaml").write_text(f"state: RUNNING\nobserved_request: {observed}\nruns:\n{runs}")
     return root
+
+
+def test_a_request_lowered_below_what_the_nodes_observed_is_an_error_at_its_line(tmp_path):
+    repo = _repo_with_status(tmp_path / "repo", "  - {id: 3-detect-1, request: 3, stage: detect, attempt: 1, "
+                                                "state: RUNNING}\n", observed=3, request=2)
+    result = winslow("validate", cwd=repo)
+    line = next(n for n, text in enumerate((repo / "projects/ulm-0812/project.yaml").read_text().splitlines(), 1)
+                if text.strip().startswith("request: 2"))
+    assert result.stdout == (f"projects/ulm-0812/project.yaml:{line}:3: run.request 2 is below request 3 that the nodes "
+                             f"already acted on (projects/ulm-0812/status.yaml), so they ignore it: requests only go up "
+                             f"(3 keeps that execution, 4 starts a new one)\n")
+    assert result.returncode == 1
+
+
+@pytest.mark.parametrize(("asked", "observed"), [(3, 3), (4, 3), (1, 0)])
+def test_a_request_at_or_above_what_the_nodes_observed_is_fine(tmp_path, asked, observed):
+    repo = _repo_with_status(tmp_path / "repo", "  []\n", observed=observed, request=asked)
+    result = winslow("validate", str(repo))
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+    assert result.stdout.startswith("ok: ")
+
+
+def test_a_lowered_request_leaves_the_project_valid_to_the_nodes():
+    """The nodes go on with the request they observed: only validate calls the lowered one an error."""
+    from reconciler.state import DirectoryTree, StateReader
+
+    snapshot = StateReader().read(DirectoryTree(CASES_DIR / "request-lowered"))
+    assert snapshot.problems == ()
+    entry = snapshot.projects["ulm"]
+    assert not entry.invalid and entry.project is not None and entry.project.run.request == 2
 
 
 def test_a_run_whose_request_and_attempt_are_written_as_floats_keeps_its_integer_id(tmp_path):
