@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -47,6 +48,39 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
         chunks.append((tag, body))
         at += 12 + length
     return chunks
+
+
+def png_picture(data: bytes) -> tuple[int, int, bytes]:
+    """Width, height and RGB pixels of a PNG as encode_png writes it: truecolour, rows unfiltered."""
+    chunks = png_chunks(data)
+    width, height = struct.unpack(">II", chunks[0][1][:8])
+    raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
+    stride = 1 + 3 * width
+    return width, height, b"".join(raw[y * stride + 1 : (y + 1) * stride] for y in range(height))
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    return dict(body.decode("latin-1").split("\x00", 1) for tag, body in png_chunks(data) if tag == b"tEXt")
+
+
+def shows_text(width: int, pixels: bytes, text: str, colour: bytes) -> bool:
+    """Whether the picture shows ``text`` in the demo's font and text size, in ``colour`` on the plain background."""
+    size = vehicles.TEXT_SIZE
+    stamp = vehicles.Canvas(vehicles.text_width(text, size), vehicles.GLYPH_HEIGHT * size)
+    stamp.text(0, 0, text, colour, size)
+    span = 3 * stamp.width
+    stamp_rows = [bytes(stamp.pixels[r * span : (r + 1) * span]) for r in range(stamp.height)]
+    key = max(range(stamp.height), key=lambda r: sum(stamp_rows[r][i : i + 3] != vehicles.BACKGROUND for i in range(0, span, 3)))
+    line = 3 * width
+    for y in range(key, len(pixels) // line - stamp.height + key + 1):
+        row = pixels[y * line : (y + 1) * line]
+        at = row.find(stamp_rows[key])
+        while at != -1:
+            top = (y - key) * line + at
+            if at % 3 == 0 and all(pixels[top + r * line : top + r * line + span] == stamp_rows[r] for r in range(stamp.height)):
+                return True
+            at = row.find(stamp_rows[key], at + 1)
+    return False
 
 
 def truth_centre(vehicle: dict, frame: int, fps: float) -> tuple[float, float]:
@@ -172,7 +206,8 @@ def test_trajectories_png_is_a_valid_picture_with_tracks(stages: dict[str, Path]
     chunks = png_chunks(data)
     assert [tag for tag, _ in chunks][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (width, height, depth, colour, interlace) == (2 * WIDTH, 2 * HEIGHT, 8, 2, 0)
+    assert (width, depth, colour, interlace) == (2 * WIDTH, 8, 2, 0)
+    assert height > 2 * HEIGHT  # the map, with the title above it and the legend below
     raw = zlib.decompress(b"".join(body for tag, body in chunks if tag == b"IDAT"))
     stride = 1 + 3 * width
     assert len(raw) == height * stride
@@ -180,6 +215,74 @@ def test_trajectories_png_is_a_valid_picture_with_tracks(stages: dict[str, Path]
     pixels = b"".join(raw[y * stride + 1 : (y + 1) * stride] for y in range(height))
     coloured = sum(1 for i in range(0, len(pixels), 3) if len(set(pixels[i : i + 3])) > 1)
     assert coloured > 1000  # the road is grey; only the tracks are in colour
+
+
+def test_trajectories_title_names_the_video_vehicle_count_and_mean_speed(stages: dict[str, Path]) -> None:
+    data = (stages["analyse"] / "trajectories.png").read_bytes()
+    summary = json.loads((stages["analyse"] / "summary.json").read_text())
+    title = png_text(data)["Title"]
+    assert title.startswith("traffic.y4m: ")
+    assert f" {summary['vehicles']} vehicles," in title
+    mean = re.search(r"mean speed ([0-9.]+) km/h", title)
+    assert mean and float(mean[1]) == pytest.approx(summary["mean_speed_kmh"], abs=0.06)
+    width, _, pixels = png_picture(data)
+    assert shows_text(width, pixels, title, vehicles.INK)
+
+
+def test_trajectories_legend_lists_each_vehicle_with_its_id_and_mean_speed(stages: dict[str, Path]) -> None:
+    data = (stages["analyse"] / "trajectories.png").read_bytes()
+    expected = [f"#{row['vehicle']} {row['direction']} {row['speed_kmh']} km/h ({row['speed_px_s']} px/s)"
+                for row in rows(stages["analyse"] / "vehicles.csv")]
+    assert len(expected) >= 7
+    assert png_text(data)["Description"].splitlines() == expected
+    width, _, pixels = png_picture(data)
+    assert [entry for entry in expected if not shows_text(width, pixels, entry, vehicles.INK)] == []
+
+
+def test_each_track_is_tagged_with_its_vehicle_number_in_its_colour(stages: dict[str, Path]) -> None:
+    width, _, pixels = png_picture((stages["analyse"] / "trajectories.png").read_bytes())
+    numbers = [row["vehicle"] for row in rows(stages["analyse"] / "vehicles.csv")]
+    assert [n for i, n in enumerate(numbers) if not shows_text(width, pixels, n, vehicles.track_colour(i))] == []
+
+
+def test_tracks_sharing_a_lane_are_drawn_side_by_side_one_solid_one_dashed() -> None:
+    P = vehicles.Point
+    ahead = [P(f, 40.0 + 4 * f, 50.0) for f in range(30)]
+    behind = [P(f, 10.0 + 4 * f, 50.5) for f in range(30)]  # the same lane, half a pixel over
+    tracks = [ahead, behind]
+    stats = [vehicles.measure(i, points, 10.0, 200, 100) for i, points in enumerate(tracks, start=1)]
+    canvas = vehicles.draw_map(tracks, stats, 200, 100, None, 2)
+
+    def line_of(colour: bytes) -> tuple[int, int]:
+        """The row the track's line lies on (the row with most of its colour) and the runs of colour in it."""
+        lit = [(i // 3 % canvas.width, i // 3 // canvas.width) for i in range(0, len(canvas.pixels), 3)
+               if canvas.pixels[i : i + 3] == colour]
+        row = Counter(y for _, y in lit).most_common(1)[0][0]
+        xs = sorted(x for x, y in lit if y == row)
+        assert xs[-1] - xs[0] > 150  # along most of the track, not just a marker
+        return row, 1 + sum(1 for a, b in zip(xs, xs[1:]) if b > a + 1)
+
+    (row_a, runs_a), (row_b, runs_b) = line_of(vehicles.track_colour(0)), line_of(vehicles.track_colour(1))
+    assert abs(row_a - row_b) >= 4  # apart, with a gap between lines two pixels thick
+    assert min(runs_a, runs_b) <= 3  # solid, broken only where the number tags sit
+    assert max(runs_a, runs_b) >= 10  # dashed
+
+
+@pytest.mark.parametrize(("lines", "slots"), [
+    ([("eastbound", 50.0)], [(0, 1)]),
+    ([("eastbound", 50.0), ("eastbound", 52.0), ("eastbound", 51.0)], [(0, 3), (1, 3), (2, 3)]),
+    ([("eastbound", 50.0), ("eastbound", 70.0)], [(0, 1), (0, 1)]),
+    ([("eastbound", 50.0), ("westbound", 50.0)], [(0, 1), (0, 1)]),
+    ([("southbound", 80.0), ("southbound", 83.0), ("eastbound", 80.0)], [(0, 2), (1, 2), (0, 1)]),
+    ([("stationary", 50.0), ("stationary", 50.0)], [(0, 1), (0, 1)]),
+])
+def test_lane_slots_give_tracks_on_one_line_the_same_way_their_own_places(lines: list[tuple[str, float]],
+                                                                           slots: list[tuple[int, int]]) -> None:
+    P = vehicles.Point
+    tracks = [[P(f, float(f), across) if way in ("eastbound", "westbound") else P(f, across, float(f)) for f in range(5)]
+              for way, across in lines]
+    stats = [vehicles.VehicleStats(i, 0, 4, 5, 0.0, 0.0, 0.0, way) for i, (way, _) in enumerate(lines, start=1)]
+    assert vehicles.lane_slots(tracks, stats) == slots
 
 
 def test_png_encoder_round_trips_pixels() -> None:
@@ -196,6 +299,15 @@ def test_bresenham_line_is_connected_from_end_to_end() -> None:
     assert (0, 0) in lit and (9, 4) in lit
     assert len(lit) == 10  # one pixel per step along the longer axis
     assert all(any(abs(x - a) <= 1 and abs(y - b) <= 1 for a, b in lit - {(x, y)}) for x, y in lit)
+
+
+def test_text_is_drawn_in_the_5x7_font_magnified() -> None:
+    canvas = vehicles.Canvas(20, 20, bytes(20 * 20 * 3))
+    end = canvas.text(1, 2, "1", b"\xff\xff\xff", 2)
+    lit = {(i // 3 % 20, i // 3 // 20) for i in range(0, len(canvas.pixels), 3) if canvas.pixels[i]}
+    one = {(2, row) for row in range(7)} | {(1, 1), (1, 6), (3, 6)}  # the font's "1", column by row
+    assert lit == {(1 + 2 * x + dx, 2 + 2 * y + dy) for x, y in one for dx in (0, 1) for dy in (0, 1)}
+    assert end == 1 + 6 * 2
 
 
 def test_tracks_coast_through_a_missed_detection_at_a_crossing() -> None:
@@ -223,7 +335,7 @@ def test_stages_run_as_scripts_from_the_environment(tmp_path: Path) -> None:
         ("detect", {"WINSLOW_RESOURCES": str(resources), "WINSLOW_WORKSPACE": str(workspaces / "detect")}),
         ("track", {"WINSLOW_INPUT": str(workspaces / "detect"), "WINSLOW_WORKSPACE": str(workspaces / "track")}),
         ("analyse", {"WINSLOW_INPUT": str(workspaces / "track"), "WINSLOW_WORKSPACE": str(workspaces / "analyse"),
-                     "METRES_PER_PIXEL": "0.5"}),
+                     "METRES_PER_PIXEL": "0.5", "WINSLOW_PROJECT": "ulm"}),
     ]
     for command, env in steps:
         done = run_script(command, env={**env, "WINSLOW_RESOURCES": str(resources)}, cwd=tmp_path)
@@ -236,6 +348,8 @@ def test_stages_run_as_scripts_from_the_environment(tmp_path: Path) -> None:
     assert summary["metres_per_pixel"] == 0.5
     assert summary["mean_speed_kmh"] == pytest.approx(summary["mean_speed_px_s"] * 0.5 * 3.6, abs=0.02)
     assert {p.name for p in (workspaces / "analyse").iterdir()} == {"vehicles.csv", "summary.json", "trajectories.png"}
+    title = png_text((workspaces / "analyse" / "trajectories.png").read_bytes())["Title"]
+    assert title.startswith(f"ulm / short.y4m: {summary['vehicles']} vehicles, mean speed ")
 
 
 def test_missing_video_exits_non_zero_with_one_line(tmp_path: Path) -> None:
