@@ -13,6 +13,7 @@ Where a request stands is derived from its runs (`progress.py`).
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -59,6 +60,7 @@ class Me:
     local_runs: frozenset[tuple[str, str]] = frozenset()  # (project, run id) alive on this node
     facts: tuple[Fact, ...] = ()
     may_claim: bool = True  # False while the node's heartbeat lease has run out (fenced)
+    images: bool = True  # its executor runs the stage's image (the process executor does not)
 
 
 @dataclass(frozen=True)
@@ -297,8 +299,24 @@ def _ended(project_id: str, run: Run, fact: Fact) -> Run:
     message = ended + (f": {fact.reason}" if fact.reason else "")
     state = RunState.LOST if fact.lost else RunState.SUCCEEDED if ok else RunState.FAILED
     return run.with_event(fact.time, message, state=state, finished=fact.time, exit_code=fact.exit_code,
-                          reason=fact.reason, log=layout.log_file(project_id, run.id),
+                          reason=fact.reason or exit_reason(fact.exit_code), log=layout.log_file(project_id, run.id),
                           result=layout.result_file(project_id, run.id) if fact.manifest is not None else None)
+
+
+def exit_reason(code: int | None) -> str | None:
+    """Why a run that reported no reason of its own ended as it did: every ending has a reason."""
+    if code is None:
+        return "the stage did not run"
+    if code == 0:
+        return None
+    if 128 < code < 128 + 65:  # a shell's or Docker's report of a death by signal
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        hint = " (often the kernel's out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}: exit code {code}"
+    return f"the program exited with code {code}"
 
 
 def _listed(manifest: Mapping[str, object]) -> str:
@@ -420,7 +438,8 @@ def _continue(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Stat
     if here.next is None:
         return Outcome(entry.id, replace(status, state=here.state, message=here.message))
     if spec.state is Desired.PAUSED:
-        return Outcome(entry.id, replace(status, state=ProjectState.PAUSED, message=f"paused; {here.next} is next"))
+        return Outcome(entry.id, replace(status, state=ProjectState.PAUSED, message=f"paused; {here.next} is next",
+                                         request=replace(status.request, next=here.next)))
     stage = pipeline.stage(here.next)
     assert stage is not None
     before = pipeline.before(stage.name)
@@ -550,7 +569,8 @@ def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle
     events = [f"claimed by {me}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
     run = Run(id=item.run_id, request=status.request.number, stage=item.stage.name, attempt=int(attempt),
               state=RunState.RUNNING, node=me, gpus=gpus, cpus=item.stage.resources.cpus,
-              memory=item.stage.resources.memory, claimed=now, image=item.stage.image, env=recorded,
+              memory=item.stage.resources.memory, claimed=now, image=item.stage.image if cycle.me.images else None,
+              env=recorded,
               workspace=layout.workspace(item.project, item.run_id), input=source.workspace if source else None)
     for message in events:
         run = run.with_event(now, message)

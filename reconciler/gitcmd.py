@@ -78,6 +78,12 @@ def push(cwd: Path | str, remote: str, refspecs: Sequence[str], env: Mapping[str
 
 
 def _last_line(data: bytes) -> str:
+    """What git said, in one line: its `fatal:`/`error:` lines (the first says what is wrong; the advice
+    that follows them, like "Please make sure you have the correct access rights", is left out), else
+    its last line."""
     lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("hint:")]
+    errors = [line.split(":", 1)[1].strip() for line in lines if line.startswith(("fatal:", "error:"))]
+    if errors:
+        return "; ".join(dict.fromkeys(errors))
     return lines[-1] if lines else ""

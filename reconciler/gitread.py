@@ -199,5 +199,24 @@ class GitReader:
                 changes.append(Change(*fields))
         return changes
 
+    def versions(self, rev: str, path: str, limit: int = 50) -> list[tuple[str, bytes | None]]:
+        """The versions of `path` on `rev`, newest first: (the commit that made it, its bytes; None where that
+        commit deleted it). When the history is shorter than `limit`, it ends with the commit before the file
+        was added, and None."""
+        out = subprocess.run(["git", "log", f"-{limit}", "--format=%H %P", rev, "--", path], cwd=self.path,
+                             capture_output=True, env=self.env, check=False)
+        if out.returncode != 0:
+            return []
+        lines = [line.split() for line in out.stdout.decode().splitlines() if line.strip()]
+        found: list[tuple[str, bytes | None]] = []
+        for commit, *_ in lines:
+            try:
+                found.append((commit, self.cat.read(f"{commit}:{path}")))
+            except GitError:
+                found.append((commit, None))
+        if lines and len(lines) < limit and len(lines[-1]) > 1:
+            found.append((lines[-1][1], None))  # before the oldest version there was none
+        return found
+
     def close(self) -> None:
         self.cat.close()

@@ -21,7 +21,7 @@ from typing import Any
 from reconciler import layout
 from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
-from reconciler.errors import ExecutorError, GitError, PushRejected, StorageError, WinslowError
+from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.fencing import Fence
@@ -38,6 +38,7 @@ from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
 from reconciler.settings import Settings
+from reconciler.snapshot import HeldConfig
 from reconciler.storage import LocalStorage, read_tail
 from reconciler.wake import RemoteWatcher
 
@@ -46,6 +47,7 @@ MAX_CAS_RETRIES = 20
 LARGE_READ = 1000  # projects read at once after which the snapshot is kept out of garbage collections
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
+OUTAGE_MAX_WAIT_S = 30.0  # the longest pause between tries while the state repo cannot be reached
 
 
 class _Clock:
@@ -68,7 +70,7 @@ class _Clock:
 class NodeOptions:
     name: str
     repo: str
-    storage: Path
+    storage: Path | None  # None: storage.root of winslow.yaml on main
     work: Path
     executor: str = "process"
     secrets: Path | None = None
@@ -106,6 +108,12 @@ def _keep_out_of_collections() -> None:
     gc.freeze()
 
 
+def _git_words(exc: GitError) -> str:
+    """What git said, without the command and folder this process ran it in."""
+    text = str(exc)
+    return text.split(": ", 1)[1] if text.startswith("git ") and ": " in text else text
+
+
 class Node:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
@@ -115,7 +123,7 @@ class Node:
                     "GIT_COMMITTER_NAME": f"winslow {self.name}", "GIT_COMMITTER_EMAIL": f"{self.name}@winslow"}
         self.repo = Mirror(options.repo, options.work / "state.git", identity)
         self.view = RepoView(git=self.repo.reader)
-        self.storage = LocalStorage(options.storage)
+        self._storage = LocalStorage(options.storage) if options.storage else None  # else settled in start()
         self.journal = Journal(options.work / "journal.jsonl")
         self.secrets = SecretStore(options.secrets, options.name)
         self.wake = threading.Event()
@@ -137,9 +145,19 @@ class Node:
         self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
         self._branching: set[str] = set()  # resume branches being pushed or pruned
         self._missing_projects: dict[str, float] = {}
+        self._held_config: HeldConfig | None = None  # winslow.yaml is invalid: what this node said about it
+        self._refused_root: str | None = None  # a storage.root this node said it does not take
+        self._outage: set[str] = set()  # what git said (each message once) since the remote became unreachable
+        self._failures = 0  # fetches or pushes in a row that could not reach the remote
         self._fetched = 0.0
         self._last_housekeeping = 0.0
         self.cycles = 0
+
+    @property
+    def storage(self) -> LocalStorage:
+        if self._storage is None:
+            raise StorageError(f"{self.name} has not settled its storage yet (start() does)")
+        return self._storage
 
     # -- events from other threads ------------------------------------------------------------
     def _on_exit(self, info: ExitInfo) -> None:
@@ -182,12 +200,24 @@ class Node:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        self.storage.prepare()
+        """Reach the state repo, settle where the storage is, adopt runs of an earlier life, start the threads.
+
+        ConfigError when the remote was never reached (a wrong --repo fails at once, with git's own words)
+        or no storage is named; a remote that was reached before and is down now is an outage: the node
+        carries on with what is local and keeps trying.
+        """
         self.repo.open()
         try:
             self.repo.fetch(skip_node=self.name)
         except GitError as exc:
-            log.warning("first fetch failed (%s); carrying on with what is local", exc)
+            if self.repo.reader.resolve(layout.ORIGIN_MAIN) is None:
+                raise ConfigError(f"cannot reach the state repo {self.options.repo}: {_git_words(exc)}") from None
+            log.warning("%s: the state repo is unreachable (%s); carrying on with what is local", self.name,
+                        _git_words(exc))
+            self._outage.add(_git_words(exc))
+        if self._storage is None:
+            self._storage = LocalStorage(self._storage_from_settings())
+        self.storage.prepare()
         self.executor.running()  # adopt the containers of an earlier life of this node
         self.lister.start()
         self.heartbeat.start()
@@ -230,8 +260,9 @@ class Node:
             self.repo.fetch(skip_node=self.name)
             log.debug("fetch %.0fms", (time.perf_counter() - began) * 1000)
             self._fetched = time.monotonic()
+            self._reachable()
         except GitError as exc:
-            log.warning("fetch failed: %s", exc)
+            self._unreachable(exc)
         for attempt in range(MAX_CAS_RETRIES):
             try:
                 landed = self.cycle()
@@ -239,8 +270,7 @@ class Node:
                 log.debug("claim race lost: main moved on; deciding again on the new tip")
                 landed = False
             except GitError as exc:
-                log.warning("remote unreachable (%s); facts stay in the journal", exc)
-                return min(2.0, self._config().poll)
+                return self._unreachable(exc)
             except Exception:  # a bug must not take the node (and its running stages' reports) down
                 log.exception("cycle failed; trying again shortly")
                 return 2.0
@@ -252,8 +282,7 @@ class Node:
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
-                log.warning("fetch failed: %s", exc)
-                return 1.0
+                return self._unreachable(exc)
         else:
             log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)
         try:
@@ -261,6 +290,36 @@ class Node:
         except Exception:
             log.exception("housekeeping failed; trying again later")
         return self._sleep_budget()
+
+    def _unreachable(self, exc: GitError) -> float:
+        """An outage: each different message said once (git's own words, whole), retried with a growing pause."""
+        self._failures += 1
+        words = _git_words(exc)
+        if words not in self._outage:
+            log.warning("%s: the state repo is unreachable: %s; facts stay in the journal, retrying", self.name, words)
+            self._outage.add(words)
+        return min(OUTAGE_MAX_WAIT_S, self._config().poll * 2 ** min(self._failures - 1, 5))
+
+    def _reachable(self) -> None:
+        if self._outage:
+            log.info("%s: the state repo is reachable again (after %d failed tries)", self.name, self._failures)
+        self._outage, self._failures = set(), 0
+
+    def _storage_from_settings(self) -> Path:
+        tip = self.repo.reader.resolve(layout.ORIGIN_MAIN)
+        config = self.view.snapshot(tip).config if tip else None
+        if config is None or not config.storage_root:
+            where = f"{layout.CONFIG} on {layout.MAIN}" if tip else f"{layout.CONFIG} ({self.options.repo} has no " \
+                                                                     f"{layout.MAIN} yet)"
+            raise ConfigError(f"no storage: pass --storage DIR, or set storage.root in {where}")
+        return Path(config.storage_root)
+
+    def _say_held(self, held: HeldConfig | None) -> None:
+        if held is not None:
+            log.warning("%s: %s", self.name, held.describe())
+        else:
+            log.info("%s: %s is valid again; its settings are in force", self.name, layout.CONFIG)
+        self._held_config = held
 
     def cycle(self) -> bool:
         """One decide-and-commit pass on the fetched tip; False when the push lost the race."""
@@ -275,6 +334,13 @@ class Node:
             _keep_out_of_collections()
         clock.lap("read")
         self.settings.update(snapshot.config)
+        if snapshot.held_config != self._held_config:
+            self._say_held(snapshot.held_config)
+        root = snapshot.config.storage_root
+        if root and Path(root).resolve() != self.storage.root and root != self._refused_root:
+            self._refused_root = root
+            log.warning("%s: %s sets storage.root to %s; this node keeps %s (%s)", self.name, layout.CONFIG, root,
+                        self.storage.root, "its --storage flag" if self.options.storage else "until it is restarted")
         node_tips = {ref[len(layout.ORIGIN_NODES):]: sha for ref, sha in refs.items()
                      if ref.startswith(layout.ORIGIN_NODES)}
         nodes, lost = self.liveness.observe(self.view, node_tips, snapshot, self.heartbeat.info(),
@@ -291,9 +357,10 @@ class Node:
         world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes)
         quiet = self.memory.quiet(snapshot, inputs)
         held = self.memory.fresh_starts(facts)
-        plan = decide(world, Me(self.name, local, facts, may_claim), quiet)
+        plan = decide(world, Me(self.name, local, facts, may_claim, self.executor.images), quiet)
         if held and _only_starts(plan, held):  # nothing else to commit: the fresh starts wait for company
-            alone = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim), quiet)
+            alone = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim,
+                                    self.executor.images), quiet)
             plan, held = (plan, set()) if alone.commit_needed else (alone, held)
         else:
             held = set()

@@ -68,7 +68,7 @@ class RepoView:
         self.git = git
         self.folder = Path(folder) if folder is not None else None
         self.results = results
-        self._reader = StateReader(include_results=results)
+        self._reader = StateReader(include_results=results, earlier_configs=self._earlier_configs)
         self._seen: dict[str, tuple[str, float]] = {}  # node -> (branch tip, monotonic time it was first seen)
         self._docs: dict[str, tuple[str, NodeInfo | None]] = {}  # node -> (branch tip, its document)
 
@@ -112,9 +112,12 @@ class RepoView:
             if commit is None:
                 raise GitError(f"{self.git.path} has no {layout.ORIGIN_MAIN.removeprefix('refs/remotes/')} yet")
             paths = (layout.CONFIG, layout.PIPELINES, layout.project_dir(project))
-            snapshot = StateReader(include_results=self.results).read(self.git.subtree(commit, paths, self.results),
+            snapshot = StateReader(self.results, self._earlier_configs).read(self.git.subtree(commit, paths, self.results),
                                                                        commit)
         return snapshot.projects.get(project), snapshot
+
+    def _earlier_configs(self, commit: str) -> list[tuple[str, bytes | None]]:
+        return self.git.versions(commit, layout.CONFIG) if self.git is not None else []
 
     def project_ids(self, commit: str | None = None) -> list[str]:
         """The project folders on main, without reading any of them."""

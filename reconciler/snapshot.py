@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from reconciler import layout
 from reconciler.errors import Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
 
@@ -30,6 +31,29 @@ class ProjectEntry:
 
 
 @dataclass(frozen=True)
+class HeldConfig:
+    """winslow.yaml is invalid at this commit, so the settings of an earlier valid version stay in force.
+
+    An invalid file never loosens anything: a drained node stays drained, reserved GPUs stay reserved.
+    """
+
+    problems: tuple[Problem, ...]
+    source: str | None  # the commit whose winslow.yaml is in force; None: defaults (no valid version was found)
+    absent: bool = False  # at `source` there was no winslow.yaml: its defaults are in force
+
+    def describe(self) -> str:
+        first = str(self.problems[0]) if self.problems else f"{layout.CONFIG} is invalid"
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        if self.source is None:
+            kept = "no valid version was found in its history, so the defaults are in force"
+        elif self.absent:
+            kept = f"the defaults in force before it was added ({self.source[:10]}) stay in force"
+        else:
+            kept = f"the settings of its last valid version ({self.source[:10]}) stay in force"
+        return f"{first}{more}; {kept}"
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The state repo at one commit. Built once, never changed: what is derived from it is computed once."""
 
@@ -40,6 +64,7 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     files: int = 0
     pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
+    held_config: HeldConfig | None = None  # winslow.yaml is invalid: `config` is an earlier valid version's
     # Read as the difference from the snapshot of commit `base`: the projects read again (the rest are the
     # same objects). None when it was read whole.
     base: str | None = field(default=None, compare=False)

@@ -20,9 +20,12 @@ from typing import Any, Protocol
 from reconciler import layout
 from reconciler.errors import InvalidFile, Problem
 from reconciler.model import ClusterConfig, Pipeline, Project, Status
-from reconciler.snapshot import ProjectEntry, Snapshot
+from reconciler.snapshot import HeldConfig, ProjectEntry, Snapshot
 from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
 from reconciler.yamlsafe import MAX_FILE_BYTES, Document, parse_yaml
+
+# Earlier versions of winslow.yaml before a commit, newest first: (commit, its bytes, or None where it was absent).
+EarlierConfigs = Callable[[str], Iterable[tuple[str, bytes | None]]]
 
 
 class Tree(Protocol):
@@ -126,8 +129,10 @@ class StateReader:
     pipeline reads everything (their meaning reaches every project).
     """
 
-    def __init__(self, include_results: bool = False) -> None:
+    def __init__(self, include_results: bool = False, earlier_configs: EarlierConfigs | None = None) -> None:
         self.include_results = include_results
+        self.earlier_configs = earlier_configs
+        self._held: tuple[str, HeldConfig, ClusterConfig] | None = None  # (commit:content id, held, in force)
         self._cache: dict[tuple[str, str], tuple[str, _Parsed]] = {}  # (path, kind) -> (content id, parsed)
         # project.yaml -> (key: content id, pipeline id, lock id), its meaning, the pipeline it names
         self._meaning: dict[str, tuple[tuple[object, ...], tuple[Project | None, list[Problem]], str | None]] = {}
@@ -176,10 +181,14 @@ class StateReader:
         entries = tree.entries()
         self._general = []
         config = ClusterConfig()
+        held = None
         if layout.CONFIG in entries:
             parsed = self._parse(tree, layout.CONFIG, entries[layout.CONFIG], "winslow", read_config)
             self._general += parsed.problems
-            config = parsed.value or config
+            if parsed.value is not None and not parsed.problems:
+                config = parsed.value
+            else:
+                held, config = self._held_config(entries[layout.CONFIG], parsed.problems, commit)
         self._misplaced = {problem.path: problem for problem in _misplaced(entries)}
         pipelines, pipeline_problems = self._pipelines(tree, entries)
         for pipeline_found in pipeline_problems.values():
@@ -196,7 +205,29 @@ class StateReader:
             del self._cache[stale]
         for stale_path in [path for path in self._meaning if path not in entries]:
             del self._meaning[stale_path]
-        return Snapshot(commit, config, pipelines, projects, self._problems(), len(entries), pipeline_problems)
+        return Snapshot(commit, config, pipelines, projects, self._problems(), len(entries), pipeline_problems,
+                        held_config=held)
+
+    def _held_config(self, key: str, problems: list[Problem], commit: str | None) -> tuple[HeldConfig, ClusterConfig]:
+        """The settings in force while winslow.yaml is invalid: those of its last valid version, never looser
+        defaults. Every node finds the same one in the history of main, however long it has been running."""
+        if self._held is not None and self._held[0] == f"{commit}:{key}":
+            return self._held[1], self._held[2]
+        source, absent, config = None, False, ClusterConfig()
+        for earlier, data in (self.earlier_configs(commit) if self.earlier_configs and commit else ()):
+            if data is None:  # no winslow.yaml at that commit: the defaults were in force
+                source, absent = earlier, True
+                break
+            try:
+                value, found = read_config(parse_yaml(data, layout.CONFIG))
+            except InvalidFile:
+                continue
+            if value is not None and not found:
+                source, config = earlier, value
+                break
+        held = HeldConfig(tuple(sorted(problems)), source, absent)
+        self._held = (f"{commit}:{key}", held, config)
+        return held, config
 
     def _read_changes(self, tree: Tree, commit: str | None, last: Snapshot, changed: frozenset[str]) -> Snapshot:
         """`last` with the projects that `changed` touches read again; nothing else is looked at."""
@@ -229,7 +260,7 @@ class StateReader:
         if added:  # every node must see projects in the same order: placement goes by it
             projects = dict(sorted(projects.items()))
         return Snapshot(commit, last.config, last.pipelines, projects, self._problems(), len(entries),
-                        last.pipeline_problems, base=last.commit, changed=frozenset(affected))
+                        last.pipeline_problems, last.held_config, base=last.commit, changed=frozenset(affected))
 
     def _problems(self) -> tuple[Problem, ...]:
         found = list(self._general) + list(self._misplaced.values())

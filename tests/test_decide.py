@@ -196,7 +196,7 @@ CASES = [
     Case(id="paused-after-stage-exits-is-paused-and-claims-nothing",
          repo=base() | project(request=1, state="paused") | status(runs=[run("1-a-1")]),
          facts=[exited("1-a-1", 0)],
-         state="PAUSED", message="b is next", finished=[("1-a-1", "SUCCEEDED")]),
+         state="PAUSED", message="b is next", finished=[("1-a-1", "SUCCEEDED")], request={"next": "b"}),
     Case(id="running-again-after-pause-claims-next-stage-of-same-request",
          repo=base() | project(request=1) | status(state="PAUSED", runs=[run("1-a-1", "SUCCEEDED")]),
          state="RUNNING", claims=[claim("1-b-1")], runs={"1-b-1": dict(request=1, input="workspaces/t/1-a-1")}),
@@ -236,8 +236,14 @@ CASES = [
     Case(id="non-zero-exit-fails-run-and-project-without-retries",
          repo=base() | project(request=1) | status(runs=[run("1-a-1")]),
          facts=[exited("1-a-1", 3)],
-         state="FAILED", message="exit code 3", finished=[("1-a-1", "FAILED")],
-         runs={"1-a-1": dict(state="FAILED", exit_code=3, reason=None, log="projects/t/logs/1-a-1.log")}),
+         state="FAILED", message="exited with code 3", finished=[("1-a-1", "FAILED")],
+         runs={"1-a-1": dict(state="FAILED", exit_code=3, reason="the program exited with code 3",
+                             log="projects/t/logs/1-a-1.log")}),
+    Case(id="death-by-signal-names-the-signal",
+         repo=base() | project(request=1) | status(runs=[run("1-a-1")]),
+         facts=[exited("1-a-1", 137)],
+         state="FAILED", message="killed by SIGKILL", finished=[("1-a-1", "FAILED")],
+         runs={"1-a-1": dict(state="FAILED", exit_code=137)}),
     Case(id="failed-stage-with-retries-1-gets-second-attempt",
          repo=base() | project(request=1) | status(runs=[run("1-a-1", "SUCCEEDED"), run("1-b-1")]),
          facts=[exited("1-b-1", 2)],
@@ -247,7 +253,7 @@ CASES = [
          repo=base() | project(request=1)
          | status(runs=[run("1-a-1", "SUCCEEDED"), run("1-b-1", "FAILED", exit_code=2), run("1-b-2")]),
          facts=[exited("1-b-2", 2)],
-         state="FAILED", message="b failed: exit code 2", finished=[("1-b-2", "FAILED")]),
+         state="FAILED", message="b failed: the program exited with code 2", finished=[("1-b-2", "FAILED")]),
     Case(id="start-failure-fails-run-with-its-reason",
          repo=base() | project(request=1) | status(runs=[run("1-a-1", started=None)]),
          facts=[exited("1-a-1", None, "image 'x' not found: pull access denied")],
@@ -614,6 +620,13 @@ def test_a_fenced_node_claims_nothing() -> None:
     repo = base() | project(pid="t", request=1)
     assert decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", may_claim=False)).claims == []
     assert len(decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1")).claims) == 1
+
+
+def test_a_claim_records_the_image_only_where_the_executor_runs_it() -> None:
+    repo = base() | project(pid="t", request=1)
+    (docker,) = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1")).claims
+    (process,) = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", images=False)).claims
+    assert docker.run.image and process.run.image is None
 
 
 def test_a_run_stopped_by_fencing_ends_lost_and_is_retried_on_the_lost_budget() -> None:

@@ -44,6 +44,7 @@ class FakeEngine:
     """Holds its runs in a dict, as Docker holds containers, until the tracker releases them."""
 
     name = "fake"
+    images = False
 
     def __init__(self) -> None:
         self.held: dict[tuple[str, str], FakeRun] = {}

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             description="Run a reconciler: pull the state repo, claim stages that fit this node, run "
                                         "them, and commit status, logs and results back. Flags override winslow.yaml.")
     parser.add_argument("--repo", required=True, help="URL or path of the state repo's remote")
-    parser.add_argument("--storage", required=True, type=Path, help="storage root (local folder or shared mount)")
+    parser.add_argument("--storage", type=Path, help="storage root, a local folder or shared mount (default: storage.root "
+                                                     "in winslow.yaml)")
     parser.add_argument("--name", default=socket.gethostname().split(".")[0], help="node name (default: host name)")
     parser.add_argument("--executor", choices=("docker", "process"), default="docker",
                         help="run stages as Docker containers (default) or as host processes")
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_safe_id(args.name):
         raise ConfigError(f"--name {args.name!r} is not a safe node name (letters, digits, '_', '.', '-')")
     options = NodeOptions(
-        name=args.name, repo=args.repo, storage=args.storage.resolve(), work=(args.work or default_work(args.name)).resolve(),
+        name=args.name, repo=args.repo, storage=args.storage.resolve() if args.storage else None,
+        work=(args.work or default_work(args.name)).resolve(),
         executor=args.executor, secrets=args.secrets, tags=tuple(args.tag),
         heartbeat=_seconds(args.heartbeat, "--heartbeat"), node_timeout=_seconds(args.node_timeout, "--node-timeout"),
         lease=_seconds(args.lease, "--lease"), poll=_seconds(args.poll, "--poll"))

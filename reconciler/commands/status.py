@@ -12,11 +12,15 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from reconciler import layout
 from reconciler.clock import parse_time
 from reconciler.commands.clone import add_verb, check_name, fetch, no_project, open_clone
-from reconciler.layout import MAIN, MAIN_REFSPEC, ORIGIN_MAIN
+from reconciler.errors import InvalidFile
+from reconciler.layout import MAIN, MAIN_REFSPEC, NODES_REFSPEC, ORIGIN_MAIN
 from reconciler.model import ProjectState, Run, RunState, Status
-from reconciler.snapshot import ProjectEntry
+from reconciler.repoview import NodeView, RepoView
+from reconciler.snapshot import ProjectEntry, Snapshot
+from reconciler.yamlsafe import parse_yaml
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,28 +75,74 @@ def _since(entry: ProjectEntry, run: Run | None) -> str | None:
     return (run.finished if run else None) or status.updated
 
 
-def summary(entry: ProjectEntry, now: datetime) -> dict[str, Any]:
+def _liveness(run: Run | None, nodes: Mapping[str, NodeView]) -> dict[str, Any] | None:
+    """How the node of a RUNNING run is doing, judged here from its branch: a dead node shows as dead
+    even when no other node is alive to mark its runs LOST."""
+    if run is None or run.state is not RunState.RUNNING or not run.node:
+        return None
+    node = nodes.get(run.node)
+    if node is None:
+        return {"state": "unknown", "heard_seconds_ago": None}
+    return {"state": "lost" if node.lost else "alive", "heard_seconds_ago": node.heard_ago}
+
+
+def _node_cell(data: Mapping[str, Any]) -> str | None:
+    node, live = data.get("node"), data.get("node_liveness")
+    if not node or not live:
+        return node
+    if live["state"] == "unknown":
+        return f"{node} (never heard from)"
+    return f"{node} (LOST: last heard {_age(live['heard_seconds_ago'])} ago)" if live["state"] == "lost" else node
+
+
+def summary(entry: ProjectEntry, now: datetime, nodes: Mapping[str, NodeView] | None = None,
+            pipeline: str | None = None) -> dict[str, Any]:
     run = _latest(entry.status)
     since = _since(entry, run)
     message = entry.status.message or (str(entry.problems[0].message) if entry.problems else None)
-    pipeline = entry.project.pipeline if entry.project else (entry.lock.name if entry.lock else None)
+    pipeline = entry.project.pipeline if entry.project else (entry.lock.name if entry.lock else pipeline)
+    live = _liveness(run, nodes or {})
+    if run is not None and live is not None and live["state"] == "lost":
+        message = (f"node {run.node} has not been heard from for {_age(live['heard_seconds_ago'])}; its runs "
+                   f"become LOST when a live node notices") + (f" (status says: {message})" if message else "")
     return {"project": entry.id, "pipeline": pipeline, "state": _state(entry),
             "stage": run.stage if run else None, "run": run.id if run else None, "node": run.node if run else None,
-            "since": since, "age_seconds": _seconds(since, None, now), "message": message}
+            "node_liveness": live, "since": since, "age_seconds": _seconds(since, None, now), "message": message}
 
 
-def detail(entry: ProjectEntry, now: datetime) -> dict[str, Any]:
+def _as_written(view: RepoView, entry: ProjectEntry) -> dict[str, Any]:
+    """An invalid project's project.yaml as far as it can be read: its name and pipeline are still worth showing."""
+    raw = view.file((view.tip() or "") if view.git is not None else "", layout.project_file(entry.id))
+    try:
+        data = parse_yaml(raw, layout.project_file(entry.id)).data if raw else None
+    except InvalidFile:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def detail(entry: ProjectEntry, snapshot: Snapshot, now: datetime, nodes: Mapping[str, NodeView],
+           view: RepoView) -> dict[str, Any]:
     status = entry.status
     desired = entry.project.run if entry.project else None
-    data = summary(entry, now)
+    written = _as_written(view, entry) if entry.project is None else {}
+    name = entry.project.name if entry.project else written.get("name")
+    pipeline = written.get("pipeline") if isinstance(written.get("pipeline"), str) else None
+    data = summary(entry, now, nodes, pipeline)
+    errors = [str(p) for p in entry.problems] + list(status.errors)
+    if data["pipeline"] and entry.project is None:  # the pipeline's own errors, where it is the broken part
+        errors += [str(p) for p in snapshot.pipeline_problems.get(data["pipeline"], ())]
+    if entry.invalid and errors:  # the errors follow; the header need not repeat the first one
+        goes_on = bool(status.active)
+        data["message"] = "invalid" + ("; the running stage goes on, nothing new starts" if goes_on else "")
     data.update({
-        "name": entry.project.name if entry.project else None,
+        "name": name if isinstance(name, str) else None,
         "desired": {"request": desired.request, "from": desired.from_stage, "until": desired.until,
                     "step": desired.step, "state": desired.state.value} if desired else None,
         "observed_request": status.observed_request,
         "request": status.request.to_dict() if status.request else None,
-        "errors": [str(p) for p in entry.problems] + list(status.errors),
-        "runs": [dict(r.to_dict(), duration_seconds=_seconds(r.started, r.finished, now)) for r in status.runs],
+        "errors": list(dict.fromkeys(errors)),
+        "runs": [dict(r.to_dict(), duration_seconds=_seconds(r.started, r.finished, now),
+                      node_liveness=_liveness(r, nodes)) for r in status.runs],
         "waiting": status.state is ProjectState.WAITING,
     })
     if data["waiting"]:
@@ -123,6 +173,10 @@ def _clock(value: str | None) -> str:
     return parsed.astimezone().strftime("%Y-%m-%d %H:%M:%S") if parsed else "-"
 
 
+def _held(snapshot: Snapshot) -> str | None:
+    return f"warning: {snapshot.held_config.describe()}" if snapshot.held_config else None
+
+
 def _print_detail(data: Mapping[str, Any]) -> None:
     line = f"{data['project']}" + (f" ({data['name']})" if data.get("name") not in (None, data["project"]) else "")
     print(f"{line}   pipeline {data['pipeline'] or '-'}   {data['state']}"
@@ -141,7 +195,7 @@ def _print_detail(data: Mapping[str, Any]) -> None:
     if data["runs"]:
         print()
         _table(("ID", "STAGE", "STATE", "NODE", "GPUS", "STARTED", "DURATION", "EXIT", "REASON"),
-               [(r["id"], r["stage"], r["state"], r.get("node"), ",".join(map(str, r.get("gpus", []))),
+               [(r["id"], r["stage"], r["state"], _node_cell(r), ",".join(map(str, r.get("gpus", []))),
                  _clock(r.get("started")), _age(r["duration_seconds"]), r.get("exit_code"), r.get("reason"))
                 for r in data["runs"]])
     if data["waiting"]:
@@ -154,37 +208,47 @@ def run_status(args: argparse.Namespace) -> int:
     clone = open_clone(args.repo_dir)
     if args.project:
         check_name(args.project)
-    fetch(clone, MAIN_REFSPEC)
+    fetch(clone, MAIN_REFSPEC, NODES_REFSPEC)
     on_origin = clone.has_ref(ORIGIN_MAIN)
     view = clone.view() if on_origin else clone.folder_view()
     source = f"origin/{MAIN}" if on_origin else "the work tree"
+    now = datetime.now(timezone.utc)
+    data = None
     try:
         if args.project:
-            entry, _ = view.project(args.project)
+            entry, snapshot = view.project(args.project)
             if entry is None:
                 raise no_project(args.project, view.project_ids(), f" on {source}")
         else:
             snapshot = view.snapshot()
+        # Liveness from the node branches on this machine's clock: a one-shot look goes by the heartbeat's time.
+        nodes = view.nodes(snapshot.config.node_timeout, trust_commit_time=True)
+        if args.project:
+            assert entry is not None
+            data = detail(entry, snapshot, now, nodes, view)
     finally:
         view.close()
-    now = datetime.now(timezone.utc)
-    if args.project:
-        assert entry is not None
-        data = detail(entry, now)
+    held = _held(snapshot)
+    settings = {"held": snapshot.held_config.describe()} if snapshot.held_config else {}
+    if data is not None:
         if args.json:
-            print(json.dumps(dict(data, source=source), indent=2))
-        else:
-            _print_detail(data)
+            print(json.dumps(dict(data, source=source, settings=settings), indent=2))
+            return 0
+        if held:
+            print(held)
+        _print_detail(data)
         return 0
-    rows = sorted((summary(e, now) for e in snapshot.projects.values()),
+    rows = sorted((summary(e, now, nodes) for e in snapshot.projects.values()),
                   key=lambda r: (r["state"] != ProjectState.WAITING.value, r["project"]))
     if args.json:
-        print(json.dumps({"source": source, "projects": rows}, indent=2))
+        print(json.dumps({"source": source, "settings": settings, "projects": rows}, indent=2))
         return 0
+    if held:
+        print(held)
     if not rows:
         print(f"no projects on {source}", file=sys.stderr)
         return 0
     _table(("PROJECT", "PIPELINE", "STATE", "STAGE", "RUN", "NODE", "AGE", "MESSAGE"),
-           [(r["project"], r["pipeline"], r["state"], r["stage"], r["run"], r["node"], _age(r["age_seconds"]),
+           [(r["project"], r["pipeline"], r["state"], r["stage"], r["run"], _node_cell(r), _age(r["age_seconds"]),
              r["message"]) for r in rows])
     return 0

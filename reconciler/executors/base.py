@@ -85,6 +85,7 @@ ExitCallback = Callable[[ExitInfo], None]
 
 class Executor(Protocol):
     name: str
+    images: bool  # a stage's `image` is what runs (recorded with the claim); False: the command runs on the host
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Get ready to start (create a container) while the claim is pushed; never runs the stage."""

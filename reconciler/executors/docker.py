@@ -83,6 +83,7 @@ class DockerEngine:
     """Creates, starts, waits for, stops and lists the containers of one node."""
 
     name = "docker"
+    images = True
 
     def __init__(self, node: str, client: Any = None, cluster: str = "") -> None:
         self.node = node

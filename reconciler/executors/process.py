@@ -76,6 +76,7 @@ class ProcessEngine:
     """Starts, waits for, stops and lists the stage processes of one node."""
 
     name = "process"
+    images = False
 
     def __init__(self, node: str, state_dir: Path) -> None:
         self.node = node

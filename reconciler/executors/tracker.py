@@ -67,6 +67,7 @@ class Engine(Protocol[H]):
     """
 
     name: str  # the executor's name: "docker", "process"
+    images: bool  # the stage's image is what runs
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Make spawn() quick (create a container) while the claim is pushed; never runs the stage."""
@@ -126,6 +127,7 @@ class RunTracker(Generic[H]):
     def __init__(self, node: str, on_exit: ExitCallback, engine: Engine[H]) -> None:
         self.node = node
         self.name = engine.name
+        self.images = engine.images
         self.engine = engine
         self._on_exit = on_exit
         self._lock = threading.Lock()
