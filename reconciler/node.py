@@ -32,13 +32,13 @@ from reconciler.lister import Lister
 from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.memory import DecisionMemory, Inputs
-from reconciler.model import ClusterConfig
+from reconciler.model import ClusterConfig, ProjectState
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
 from reconciler.secrets import SecretStore
 from reconciler.settings import Settings
-from reconciler.snapshot import HeldConfig
+from reconciler.snapshot import HeldConfig, Snapshot
 from reconciler.storage import LocalStorage, read_tail
 from reconciler.wake import RemoteWatcher
 
@@ -149,6 +149,7 @@ class Node:
         self._refused_root: str | None = None  # a storage.root this node said it does not take
         self._outage: set[str] = set()  # what git said (each message once) since the remote became unreachable
         self._failures = 0  # fetches or pushes in a row that could not reach the remote
+        self._stop_reason = "asked to stop"
         self._fetched = 0.0
         self._last_housekeeping = 0.0
         self.cycles = 0
@@ -226,12 +227,19 @@ class Node:
         log.info("node %s up: repo %s, storage %s, executor %s", self.name, self.options.repo,
                  self.storage.root, self.executor.name)
 
+    def request_stop(self, why: str) -> None:
+        """From a signal handler: the loop ends after its cycle; `stop()` says why."""
+        self._stop_reason = why
+        self.stopping.set()
+        self.wake.set()
+
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
         if self.watcher:
             self.watcher.stop()
         self._launcher.shutdown(wait=True, cancel_futures=False)  # a start under way ends with its fact recorded
+        self._say_stopping()
         self._branches.shutdown(wait=True, cancel_futures=True)
         self.heartbeat.stop()
         self.lister.stop()
@@ -314,6 +322,29 @@ class Node:
             raise ConfigError(f"no storage: pass --storage DIR, or set storage.root in {where}")
         return Path(config.storage_root)
 
+    def _say_stopping(self) -> None:
+        try:
+            running = sorted(f"{r.project}/{r.run_id}" for r in self.executor.running())
+        except Exception as exc:  # noqa: BLE001 - the engine may be the reason for stopping
+            log.warning("%s: stopping (%s); cannot list its runs: %s", self.name, self._stop_reason, exc)
+            return
+        if running:
+            log.info("%s: stopping (%s); its %s keep running and %s adopted when %s starts again with this work "
+                     "folder: %s", self.name, self._stop_reason, "run" if len(running) == 1 else f"{len(running)} runs",
+                     "is" if len(running) == 1 else "are", self.name, ", ".join(running))
+        else:
+            log.info("%s: stopping (%s); no runs here", self.name, self._stop_reason)
+
+    def _say_invalid(self, plan: Plan, snapshot: Snapshot) -> None:
+        """A project this node has just recorded as INVALID: one line that says which and why."""
+        for project, status in plan.statuses.items():
+            entry = snapshot.projects.get(project)
+            if status.state is ProjectState.INVALID and (entry is None or entry.status.message != status.message):
+                active = ", ".join(run.id for run in status.active)
+                log.warning("%s: INVALID, recorded by %s: %s%s", project, self.name,
+                            entry.problems[0] if entry and entry.problems else status.message,
+                            f" (run {active} goes on; nothing new starts)" if active else "")
+
     def _say_held(self, held: HeldConfig | None) -> None:
         if held is not None:
             log.warning("%s: %s", self.name, held.describe())
@@ -392,6 +423,7 @@ class Node:
             preparing.join(timeout=60)
             clock.lap("prepared")
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
+            self._say_invalid(plan, snapshot)
             tip = commit
         self.journal.settle(plan.settled)
         for claim, spec in launches:  # started beside the cycle: exits and new claims need not wait for them

@@ -223,3 +223,33 @@ def test_an_outage_is_said_once_and_its_end_too(tmp_path: Path) -> None:
     said = [line.split("unreachable: ", 1)[1] for line in node.log().splitlines() if "state repo is unreachable" in line]
     assert said and len(said) == len(set(said)) <= 3, said  # once per different message, not once per try
     assert any("does not appear to be a git repository" in words for words in said), said
+
+
+# -- the node says what it does --------------------------------------------------------------------
+
+def test_the_node_says_in_one_line_each_what_is_invalid_and_what_keeps_running_when_it_stops(tmp_path: Path) -> None:
+    remote = StateRemote(tmp_path)
+    remote.write({"pipelines/cpu.yaml": "name: cpu\nstages:\n  - {name: a, image: none, command: [sleep, '30']}\n",
+                  "projects/p/project.yaml": "pipeline: cpu\nrun: {request: 1}\n",
+                  "projects/bad/project.yaml": "pipeline: nope\nrun: {request: 1}\n"}, "one good, one bad")
+    node = NodeProcess("ws-1", remote.remote, tmp_path / "storage", tmp_path / "work")
+    try:
+        wait_for(lambda: remote.status("bad").get("state") == "INVALID", 30, "bad to be recorded INVALID")
+        wait_for(lambda: (remote.status("p").get("runs") or [{}])[0].get("started"), 30, "p's stage to start")
+    finally:
+        node.stop()
+    lines = node.log().splitlines()
+    invalid = [line for line in lines if "bad: INVALID" in line]
+    assert len(invalid) == 1 and "ws-1" in invalid[0] and "pipeline 'nope' does not exist" in invalid[0], invalid
+    stopping = [line for line in lines if "stopping (SIGTERM)" in line]
+    assert len(stopping) == 1 and "ws-1" in stopping[0] and "p/1-a-1" in stopping[0], stopping
+    assert "keep running" in stopping[0] or "keeps running" in stopping[0]
+    # It did keep running: a node started again with the same work folder adopts it.
+    again = NodeProcess("ws-1", remote.remote, tmp_path / "storage", tmp_path / "work")
+    try:
+        wait_for(lambda: "adopt" in again.log().lower(), 30, "the restarted node to adopt the run")
+        assert remote.status("p")["runs"][0]["state"] == "RUNNING"
+        remote.write({"projects/p/project.yaml": "pipeline: cpu\nrun: {request: 1, state: aborted}\n"}, "abort p")
+        wait_for(lambda: remote.status("p").get("state") == "FAILED", 30, "the adopted run to be stopped")
+    finally:
+        again.stop()

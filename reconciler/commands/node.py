@@ -61,15 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if args.executor == "docker":
         _check_docker()
     node = Node(options)
-    def stop(*_: object) -> None:
-        node.stopping.set()
-        node.wake.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        node.run_forever()
-    except KeyboardInterrupt:
-        pass
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: node.request_stop("SIGINT"))
+    node.run_forever()
     return 0
 
 
