@@ -10,18 +10,20 @@ from reconciler.model import ClusterConfig, Pipeline, Status
 from reconciler.storage import LocalStorage, capped_log
 from reconciler.yamlsafe import dump_yaml
 
-SCHEMA_LINE = "# yaml-language-server: $schema=https://winslow.dev/schema/{kind}.schema.json\n"
+def schema_line(kind: str, path: str) -> str:
+    """The editor's hint for a file at `path`: relative to the file, to the schemas `winslow init` copies in."""
+    return f"# yaml-language-server: $schema={'../' * path.count('/')}schema/{kind}.schema.json\n"
 GENERATED = "# Written by Winslow's reconcilers; do not edit by hand.\n"
 
 
 def status_file(status: Status) -> bytes:
-    return (SCHEMA_LINE.format(kind="status") + GENERATED + dump_yaml(status.to_dict())).encode()
+    return (schema_line("status", layout.status_file("p")) + GENERATED + dump_yaml(status.to_dict())).encode()
 
 
 def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
     data = {"request": request, "source": layout.pipeline_file(pipeline.name), "commit": commit,
             "pipeline": dict(pipeline.source)}
-    return (SCHEMA_LINE.format(kind="pipeline-lock") + GENERATED + dump_yaml(data)).encode()
+    return (schema_line("pipeline-lock", layout.lock_file("p")) + GENERATED + dump_yaml(data)).encode()
 
 
 def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None,
@@ -38,8 +40,8 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}
-            files[layout.result_file(project, run.id)] = (SCHEMA_LINE.format(kind="result") + GENERATED
-                                                                  + dump_yaml(manifest)).encode()
+            files[layout.result_file(project, run.id)] = (schema_line("result", layout.result_file(project, run.id))
+                                                          + GENERATED + dump_yaml(manifest)).encode()
     return files
 
 

@@ -65,3 +65,17 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     assert result.returncode == 1 and "not an earlier demo" in result.stderr
     assert (tmp_path / "demo" / "precious.txt").read_text() == "keep me"
     assert "Traceback" not in result.stderr
+
+
+def test_the_commands_the_demo_prints_work_from_an_unactivated_virtualenv(tmp_path: Path, monkeypatch) -> None:
+    from reconciler.commands.demo import winslow_command
+
+    script = tmp_path / "venv" / "bin" / "winslow"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the virtualenv is not activated
+    assert winslow_command() == str(script)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")  # it is
+    assert winslow_command() == "winslow"

@@ -45,7 +45,8 @@ def test_init_commits_the_template_once_on_main(env, tmp_path):
     assert result.stdout.count("\n") == 1 and str(repo) in result.stdout
     assert git(env, repo, "symbolic-ref", "--short", "HEAD").strip() == "main"
     assert git(env, repo, "rev-list", "--count", "--all").strip() == "1"
-    assert set(git(env, repo, "ls-tree", "-r", "--name-only", "main").splitlines()) == template_files()
+    schemas = {f"schema/{p.name}" for p in (REPO_ROOT / "schema").glob("*.json")}
+    assert set(git(env, repo, "ls-tree", "-r", "--name-only", "main").splitlines()) == template_files() | schemas
     assert git(env, repo, "status", "--porcelain") == ""
     for name in template_files():
         assert (repo / name).read_bytes() == (TEMPLATE / name).read_bytes(), name
@@ -123,3 +124,21 @@ def test_init_with_an_unusable_remote_creates_nothing(env, tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and str(remote) in result.stderr
     assert not repo.exists() or not any(repo.iterdir())
+
+
+def test_every_schema_line_resolves_in_a_new_state_repo_also_in_the_files_nodes_write(env, tmp_path):
+    """An editor's YAML language server resolves `$schema=` relative to the file: each must lead to a schema."""
+    from reconciler import layout
+    from reconciler.report import schema_line
+
+    repo = tmp_path / "state"
+    assert winslow(env, "init", str(repo)).returncode == 0
+    lines = [(path, line) for path in sorted(repo.rglob("*.yaml")) for line in path.read_text().splitlines()
+             if "$schema=" in line]
+    assert len(lines) == 4  # winslow.yaml, two pipelines, the example project
+    written = {layout.status_file("p"): "status", layout.lock_file("p"): "pipeline-lock",
+               layout.result_file("p", "1-a-1"): "result"}
+    lines += [(repo / path, schema_line(kind, path).strip()) for path, kind in written.items()]
+    for path, line in lines:
+        target = (path.parent / line.split("$schema=", 1)[1].strip()).resolve()
+        assert target.is_file() and target.parent == (repo / "schema").resolve(), f"{path}: {line}"

@@ -178,7 +178,7 @@ def test_wheel_ships_schemas_and_template_and_installed_winslow_works_from_any_f
     _run([winslow, "init", "newrepo"], cwd=work, env=env)
     created = {p.relative_to(work / "newrepo").as_posix() for p in (work / "newrepo").rglob("*")
                if p.is_file() and ".git" not in p.relative_to(work / "newrepo").parts[:1]}
-    assert created == _template_files()
+    assert created == _template_files() | {f"schema/{p.name}" for p in SCHEMA_DIR.glob("*.json")}
     _run([winslow, "validate", "newrepo"], cwd=work, env=env)
     _run([python, "-m", "reconciler", "validate", "newrepo"], cwd=work, env=env)
 

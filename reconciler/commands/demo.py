@@ -26,7 +26,7 @@ PULLABLE = "python:3.12-slim"
 NODE_CHECK_S = 1.0  # the longest the demo waits without checking that its node is still alive
 MARKER = ".winslow-demo"
 PROJECT_YAML = """\
-# yaml-language-server: $schema=https://winslow.dev/schema/project.schema.json
+# yaml-language-server: $schema=../../schema/project.schema.json
 name: Demo crossing (synthetic drone video)
 pipeline: demo
 tags: [demo]
@@ -179,6 +179,18 @@ def _follow(root: Path, repo: Path, view: RepoView, node: subprocess.Popen[bytes
     raise WinslowError(f"the demo did not finish in time; see {root / 'node.log'}")
 
 
+def winslow_command() -> str:
+    """How to run this Winslow again from a shell: `winslow` when that is what PATH finds, else its full path
+    (installed into a virtualenv that is not activated, as the quick start does)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    found = shutil.which("winslow")
+    if script is not None and script.name == "winslow" and script.is_file():
+        return "winslow" if found and Path(found).resolve() == script else str(script)
+    if found:
+        return "winslow"
+    return f"{sys.executable} -m reconciler"
+
+
 def report(root: Path, storage: Path, status: Status, executor: str) -> None:
     say("")
     for run in status.runs:
@@ -195,9 +207,10 @@ def report(root: Path, storage: Path, status: Status, executor: str) -> None:
             say(f"  {workspace / name}")
     say(f"Logs and status (git): {root / 'repo'}/projects/{PROJECT}/  (git pull there first)")
     say(f"Node log: {root / 'node.log'}")
+    winslow = winslow_command()
     say("\nLook around:")
-    say(f"  cd {root / 'repo'} && git pull -q && winslow status {PROJECT}")
-    say(f"  winslow logs {PROJECT} --run {status.runs[0].id}")
+    say(f"  cd {root / 'repo'} && git pull -q && {winslow} status {PROJECT}")
+    say(f"  {winslow} logs {PROJECT} --run {status.runs[0].id}")
     say("  git log --oneline     # every claim, start and finish is a commit")
 
 

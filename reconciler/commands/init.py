@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reconciler.errors import ConfigError
 from reconciler.gitcmd import IDENTITY, git, git_env, has_identity
-from reconciler.resources import template_dir
+from reconciler.resources import schema_dir, template_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,8 @@ def init_repo(target: Path, remote: Path | None = None) -> None:
     if remote is not None:
         _check_remote(remote)
     shutil.copytree(template_dir(), target, dirs_exist_ok=True)
+    # The files' `$schema` lines point here: an editor with a YAML language server checks them as they are typed.
+    shutil.copytree(schema_dir(), target / "schema", dirs_exist_ok=True)
     git(target, "init", "-q", "-b", "main")
     env = git_env(None if has_identity(target) else IDENTITY)
     git(target, "add", "-A", env=env)
