@@ -10,6 +10,7 @@ from reconciler.model import ClusterConfig, Pipeline, Status
 from reconciler.storage import LocalStorage, capped_log
 from reconciler.yamlsafe import dump_yaml
 
+
 def schema_line(kind: str, path: str) -> str:
     """The editor's hint for a file at `path`: relative to the file, to the schemas `winslow init` copies in."""
     return f"# yaml-language-server: $schema={'../' * path.count('/')}schema/{kind}.schema.json\n"
