@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler import layout
@@ -23,6 +23,7 @@ from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.model import (
     SECRET_MASK,
     Desired,
+    InputFile,
     NodeInfo,
     Pipeline,
     Project,
@@ -40,6 +41,7 @@ from reconciler.snapshot import ProjectEntry, Snapshot
 log = logging.getLogger("winslow.decide")
 
 FactKey = tuple[str, str, str]
+INPUT_RECHECK_S = 5.0  # how often a stage that waits for an input looks for it again
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class World:
     lost: Mapping[str, str] = field(default_factory=dict)    # lost node -> why
     waited: Mapping[str, float] = field(default_factory=dict)  # "<project>/<run>" -> seconds claimable
     resume_branches: frozenset[str] = frozenset()  # "resume/<project>/<request>" on the remote
+    # Whether a path under resources/ exists in the shared storage; None: inputs are not checked.
+    has_input: Callable[[str], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ def decide(world: World, me: Me, quiet: frozenset[str] = frozenset()) -> Plan:
     placed_projects = {o.project for o in placed}
     still = frozenset(o.project for o in outcomes if o.project not in placed_projects
                       and o.quiet(world.snapshot.projects[o.project].status))
-    due = min((o.due for o in outcomes if o.due), default=None)
+    due = min((o.due for o in outcomes + placed if o.due), default=None)
     return replace(plan, quiet=still | (skip & world.snapshot.projects.keys()), due=due)
 
 
@@ -282,7 +286,8 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -
             if run.started is None:
                 digest = f" ({fact.image_digest[:19]})" if fact.image_digest else ""
                 status = status.with_run(run.with_event(fact.time, f"started{digest}",
-                                                        started=fact.time, image_digest=fact.image_digest))
+                                                        started=fact.time, image_digest=fact.image_digest,
+                                                        inputs=tuple(InputFile.from_dict(f) for f in fact.inputs)))
                 notes.append(f"{project_id}: {run.stage} started on {run.node}")
             continue
         run = _ended(project_id, run, fact)
@@ -492,6 +497,12 @@ def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> l
     free = slots(world.nodes, held, world.snapshot.config)
     placed = []
     for item in (o.start for o in outcomes if o.start is not None):
+        missing = _missing_input(item, statuses[item.project], world)
+        if missing is not None:  # no node can start it yet; look again soon (an upload may be on its way)
+            waits = _waits_for_input(item, statuses[item.project], missing, cycle) if cycle.leads else \
+                _as_written(item, statuses[item.project], world)
+            placed.append(replace(waits, due=add_seconds(cycle.now, INPUT_RECHECK_S)))
+            continue
         ranking = rank(item.stage, free)
         if not ranking:
             if cycle.leads:  # one writer, or nodes with different views would take turns
@@ -537,6 +548,24 @@ def _as_written(item: Startable, status: Status, world: World) -> Outcome:
     written = world.snapshot.projects[item.project].status
     if replace(status, message=written.message, updated=written.updated) == written:
         return Outcome(item.project, written)
+    return Outcome(item.project)
+
+
+def _missing_input(item: Startable, status: Status, world: World) -> str | None:
+    """The first of the stage's inputs that is not in the resource pool yet."""
+    if world.has_input is None or not item.stage.inputs:
+        return None
+    request = item.new_request or status.request
+    env = {**item.pipeline.env, **item.stage.env, **(request.env if request else {})}
+    return next((path for path in item.stage.inputs_for(env) if not world.has_input(path)), None)
+
+
+def _waits_for_input(item: Startable, status: Status, missing: str, cycle: _Cycle) -> Outcome:
+    message = f"{item.stage.name} waits for input {missing}: upload it with `winslow upload FILE {missing}`"
+    if item.new_request is not None:
+        return _observed(item, status, message)
+    if status.message != message:
+        return Outcome(item.project, replace(status, message=message))
     return Outcome(item.project)
 
 

@@ -22,6 +22,7 @@ class Fact:
     image_digest: str | None = None
     lost: bool = False  # ended by the node's own failure (fencing), not by the program
     manifest: dict[str, Any] | None = field(default=None, compare=False)
+    inputs: tuple[dict[str, Any], ...] | list[dict[str, Any]] = field(default=(), compare=False)  # STARTED: what it read
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -6,12 +6,20 @@ and is immutable from then on. `to_dict` gives back what goes into YAML.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 from reconciler.units import parse_duration, parse_size
+
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a command, an env value or an input path
+
+
+def fill(text: str, values: Mapping[str, str]) -> str:
+    """`${VAR}` in `text` replaced from `values`; names it does not know stay as written."""
+    return VAR.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -72,12 +80,17 @@ class Stage:
     secrets: tuple[str, ...] = ()
     resources: Resources = Resources()
     node_tags: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # resource paths (relative to resources/) it reads; ${VAR} from the env
     timeout: float | None = None
     retries: int = 0
     lost_retries: int = 2
     pause_after: bool = False
     gate_timeout: float | None = None
     description: str = ""
+
+    def inputs_for(self, env: Mapping[str, str]) -> tuple[str, ...]:
+        """Its inputs with `${VAR}` filled from a run's env."""
+        return tuple(fill(path, env) for path in self.inputs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage:
@@ -89,6 +102,7 @@ class Stage:
             secrets=tuple(data.get("secrets", ())),
             resources=Resources.from_dict(data.get("resources")),
             node_tags=tuple(data.get("node_tags", ())),
+            inputs=tuple(data.get("inputs", ())),
             timeout=parse_duration(data["timeout"]) if data.get("timeout") is not None else None,
             retries=int(data.get("retries", 0)),
             lost_retries=int(data.get("lost_retries", 2)),
@@ -191,6 +205,24 @@ class Event:
 
 
 @dataclass(frozen=True)
+class InputFile:
+    """One file a run read from the resource pool: what it was, so a result can be traced to its bytes."""
+
+    path: str           # relative to resources/
+    size: int
+    sha256: str | None  # None: it could not be read (the reason says why)
+    reason: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputFile:
+        return cls(data["path"], int(data["size"]), data.get("sha256"), data.get("reason"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in {"path": self.path, "size": self.size, "sha256": self.sha256,
+                                  "reason": self.reason}.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Run:
     """One attempt of one stage: `<request>-<stage>-<attempt>`."""
 
@@ -213,6 +245,7 @@ class Run:
     env: Mapping[str, str] = field(default_factory=dict)
     workspace: str = ""
     input: str | None = None
+    inputs: tuple[InputFile, ...] = ()  # the resource files it read, as they were when it started
     log: str | None = None
     result: str | None = None
     events: tuple[Event, ...] = ()
@@ -238,7 +271,8 @@ class Run:
             claimed=data.get("claimed"), started=data.get("started"), finished=data.get("finished"),
             exit_code=data.get("exit_code"), reason=data.get("reason"), image=data.get("image"),
             image_digest=data.get("image_digest"), env=_env(data.get("env")),
-            workspace=data.get("workspace", ""), input=data.get("input"), log=data.get("log"),
+            workspace=data.get("workspace", ""), input=data.get("input"),
+            inputs=tuple(InputFile.from_dict(f) for f in data.get("inputs", ())), log=data.get("log"),
             result=data.get("result"),
             events=tuple(Event(e["time"], e["message"]) for e in data.get("events", ())),
         )
@@ -249,6 +283,7 @@ class Run:
         data["gpus"] = list(self.gpus)
         data["env"] = dict(self.env)
         data["events"] = [e.to_dict() for e in self.events]
+        data["inputs"] = [f.to_dict() for f in self.inputs]
         keep_none = ("exit_code",) if self.done else ()
         return {k: v for k, v in data.items() if (v is not None and v != [] and v != {}) or k in keep_none}
 

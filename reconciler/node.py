@@ -322,6 +322,12 @@ class Node:
             raise ConfigError(f"no storage: pass --storage DIR, or set storage.root in {where}")
         return Path(config.storage_root)
 
+    def _has_input(self, path: str) -> bool:
+        try:
+            return self.storage.inside(f"{layout.RESOURCES}/{path}").exists()
+        except StorageError:
+            return False  # a path that leaves the pool never appears in it
+
     def _say_stopping(self) -> None:
         try:
             running = sorted(f"{r.project}/{r.run_id}" for r in self.executor.running())
@@ -385,7 +391,7 @@ class Node:
         inputs = Inputs(tip, basis, frozenset(f.key for f in facts), local, resumes)
         if self.memory.unchanged(inputs):
             return True  # nothing a decision depends on has changed: the plan would be empty
-        world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes)
+        world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes, self._has_input)
         quiet = self.memory.quiet(snapshot, inputs)
         held = self.memory.fresh_starts(facts)
         plan = decide(world, Me(self.name, local, facts, may_claim, self.executor.images), quiet)

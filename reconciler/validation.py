@@ -12,12 +12,11 @@ from typing import Any
 
 from reconciler.errors import Problem
 from reconciler.layout import escapes, in_workspaces_of, workspace_prefix
-from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
+from reconciler.model import VAR, ClusterConfig, Pipeline, Project, Run, Status, fill
 from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
 from reconciler.yamlsafe import Document, shorten
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MOUNTS = ("/resources", "/input", "/workspace")
 
@@ -124,6 +123,11 @@ def _pipeline_meaning(doc: Document, data: Mapping[str, Any], base: tuple[object
         for key, value in (env.items() if isinstance(env, dict) else ()):
             if isinstance(value, str) and _mount_escapes(value):
                 problems.append(doc.problem(at + ("env", key), f"path '{shorten(value)}' leaves its mount"))
+        inputs = stage.get("inputs")
+        for j, path in enumerate(inputs if isinstance(inputs, list) else ()):
+            if isinstance(path, str) and escapes(VAR.sub("x", path)):
+                problems.append(doc.problem(at + ("inputs", j), f"input '{shorten(path)}' leaves the resource pool: "
+                                                                f"name a path relative to resources/"))
     return problems
 
 
@@ -172,6 +176,7 @@ def read_project(doc: Document, project_id: str, pipelines: Mapping[str, Pipelin
         else:
             problems += _stage_range(doc, run, pipeline)
             problems += _substituted_paths(doc, pipeline, env)
+            problems += _filled_inputs(doc, pipeline, env)
     for key, value in env.items():
         if isinstance(value, str) and _mount_escapes(value):
             problems.append(doc.problem(("env", key), f"path '{shorten(value)}' leaves its mount"))
@@ -196,11 +201,6 @@ def lowered_request(doc: Document, observed: int, status_path: str) -> Problem |
                                            f"go up ({observed} keeps that execution, {observed + 1} starts a new one)")
 
 
-def _fill(arg: str, values: Mapping[str, str]) -> str:
-    """`${VAR}` in one command argument replaced from `values` (unknown names stay)."""
-    return _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), arg)
-
-
 def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]) -> list[Problem]:
     """A project's env fills `${VAR}` in its stages' commands; the result must stay inside its mount."""
     problems = []
@@ -210,14 +210,32 @@ def _substituted_paths(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]
         for arg in stage.command:
             if "${" not in arg:
                 continue
-            mine = [name for name in _VAR.findall(arg) if name in text]
+            mine = [name for name in VAR.findall(arg) if name in text]
             if not mine:
                 continue
-            filled = _fill(arg, values)
+            filled = fill(arg, values)
             if _mount_escapes(filled):
                 what = ", ".join(f"{name}='{shorten(text[name])}'" for name in mine)
                 problems.append(doc.problem(("env", mine[0]),
                                             f"{what} makes '{shorten(arg)}' in stage '{stage.name}' leave its mount"))
+    return problems
+
+
+def _filled_inputs(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]) -> list[Problem]:
+    """A project's env fills `${VAR}` in its stages' inputs: every name must be set, and the path stay in the pool."""
+    problems = []
+    text = {k: str(v) for k, v in env.items()}
+    for stage in pipeline.stages:
+        values = {**pipeline.env, **stage.env, **text}
+        for path, filled in zip(stage.inputs, stage.inputs_for(values)):
+            unset = VAR.findall(filled)
+            if unset:
+                problems.append(doc.problem(("env",) if "env" in doc.data else (),
+                                            f"stage '{stage.name}' reads input '{shorten(path)}': set "
+                                            f"{', '.join(unset)} in env"))
+            elif escapes(filled):
+                problems.append(doc.problem(("env",), f"input '{shorten(filled)}' of stage '{stage.name}' leaves "
+                                                      f"the resource pool"))
     return problems
 
 

@@ -677,3 +677,33 @@ def test_only_the_first_live_node_says_why_a_stage_waits_and_no_other_node_write
     for name in ("laptop", "gpu1"):  # neither the other node nor the leader itself rewrites it
         again = decide(World(snapshot(written), nodes, NOW), Me(name))
         assert again.statuses == {}, (name, again.statuses.get("t"))
+
+
+# -- stage inputs ------------------------------------------------------------------------------------
+
+READS = {"name": "reads", "env": {"VIDEO": "none"},
+         "stages": [stage("detect", inputs=["videos/${VIDEO}", "models/yolo.pt"]), stage("track")]}
+
+
+def test_a_stage_whose_input_is_missing_waits_for_it_says_which_and_looks_again_soon() -> None:
+    repo = base() | pipeline(READS) | project(pid="t", pipeline_name="reads", env={"VIDEO": "DJI_0001.MP4"}, request=1)
+    present = {"models/yolo.pt"}
+    waiting = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW, has_input=present.__contains__), Me("gpu1"))
+    assert waiting.claims == []
+    message = waiting.statuses["t"].message or ""
+    assert "waits for input videos/DJI_0001.MP4" in message and "winslow upload" in message
+    assert waiting.due is not None and waiting.due > NOW  # a timer, so an upload is noticed without a push
+    assert waiting.statuses["t"].observed_request == 1  # the request is seen, and says why it waits
+
+    present.add("videos/DJI_0001.MP4")
+    (claim,) = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW, has_input=present.__contains__), Me("gpu1")).claims
+    assert claim.run.stage == "detect"
+
+
+def test_only_the_first_live_node_writes_why_a_stage_waits_for_an_input() -> None:
+    repo = base() | pipeline(READS) | project(pid="t", pipeline_name="reads", env={"VIDEO": "x.mp4"}, request=1)
+    nodes = {"gpu1": GPU1, "gpu2": GPU2}
+    first = decide(World(snapshot(repo), nodes, NOW, has_input=lambda _: False), Me("gpu1"))
+    other = decide(World(snapshot(repo), nodes, NOW, has_input=lambda _: False), Me("gpu2"))
+    assert "waits for input videos/x.mp4" in (first.statuses["t"].message or "")
+    assert "t" not in other.statuses and other.claims == []

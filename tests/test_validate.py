@@ -331,3 +331,23 @@ def test_validate_gives_the_same_problems_without_the_compiled_schema_check(monk
         assert problems() == fast
     finally:
         schemas._fast.cache_clear()
+
+
+def test_stage_inputs_must_stay_in_the_pool_and_have_their_variables_set(tmp_path: Path) -> None:
+    (tmp_path / "winslow.yaml").write_text("version: 1\n")
+    (tmp_path / "pipelines").mkdir()
+    stage = "  - name: detect\n    image: x\n    command: [run]\n"
+    (tmp_path / "pipelines" / "reads.yaml").write_text(f"name: reads\nstages:\n{stage}    inputs: ['videos/${{VIDEO}}']\n")
+    (tmp_path / "pipelines" / "out.yaml").write_text(f"name: out\nstages:\n{stage}    inputs: [../secrets.txt]\n")
+    for name, env in (("good", "env: {VIDEO: a.mp4}\n"), ("unset", ""), ("escapes", "env: {VIDEO: ../../etc/passwd}\n")):
+        (tmp_path / "projects" / name).mkdir(parents=True)
+        (tmp_path / "projects" / name / "project.yaml").write_text(f"pipeline: reads\n{env}run: {{request: 1}}\n")
+    out = winslow("validate", str(tmp_path))
+    assert out.returncode == 1
+    lines = [line.removeprefix(f"{tmp_path}/") for line in out.stdout.splitlines()]
+    assert any(line.startswith("pipelines/out.yaml:6:") and "'../secrets.txt' leaves the resource pool" in line
+               for line in lines), lines
+    assert any(line.startswith("projects/unset/project.yaml:") and "set VIDEO in env" in line for line in lines), lines
+    assert any(line.startswith("projects/escapes/project.yaml:") and "leaves the resource pool" in line
+               for line in lines), lines
+    assert not any(line.startswith("projects/good/") for line in lines), lines

@@ -6,15 +6,13 @@ runs it has going so that a restarted node can adopt them.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from reconciler.errors import ExecutorError
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from reconciler.model import fill
 
 LABEL_PROJECT = "winslow.project"
 LABEL_RUN = "winslow.run"
@@ -133,7 +131,7 @@ def stage_env(spec: LaunchSpec, resources: str, input_dir: str | None, workspace
 
 def expand(command: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
     """Replace `${VAR}` in each argument from the stage's environment (unknown names stay)."""
-    return [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), arg) for arg in command]
+    return [fill(arg, env) for arg in command]
 
 
 def make_folders(spec: LaunchSpec, node: str, *more: Path) -> None:
