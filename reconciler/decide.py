@@ -434,7 +434,8 @@ def _continue(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Stat
             return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message="aborting the running stage"),
                            stops=stops)
         if here.state is not ProjectState.SUCCEEDED:
-            return Outcome(entry.id, replace(status, state=ProjectState.FAILED, message="aborted by request"))
+            return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
+                                             message=spec.reason or "aborted by request"))
     if status.active:
         paused = " (pausing after it)" if spec.state is Desired.PAUSED else ""
         return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message=here.message + paused))
@@ -469,11 +470,19 @@ def _waiting(cycle: _Cycle, entry: ProjectEntry, status: Status, pipeline: Pipel
         due = add_seconds(since, stage.gate_timeout)
     branch = layout.resume_branch(entry.id, status.request.number)
     resume = None
-    if branch not in cycle.world.resume_branches:
+    proposed = status.request.proposed
+    if branch in cycle.world.resume_branches:
+        proposed = True
+    elif proposed:  # it was there and is gone unmerged (an approval merges it in the same push): a rejection
+        return Outcome(entry.id, replace(status, state=ProjectState.FAILED,
+                                         message=f"rejected: branch {branch} was deleted without being merged",
+                                         request=replace(status.request, next=None)))
+    else:
         resume = Resume(entry.id, status.request.number, here.gate_next)
     message = here.message + f" — merge branch {branch} or run: winslow approve {entry.id}"
     return Outcome(entry.id, replace(status, state=ProjectState.WAITING, message=message,
-                                     request=replace(status.request, waiting_since=since, next=here.gate_next)),
+                                     request=replace(status.request, waiting_since=since, next=here.gate_next,
+                                                     proposed=proposed)),
                    resume=resume, due=due)
 
 
@@ -604,6 +613,6 @@ def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle
     for message in events:
         run = run.with_event(now, message)
     status = replace(status.with_run(run), state=ProjectState.RUNNING, message=f"{item.stage.name} running on {me}",
-                     request=replace(status.request, next=None, waiting_since=None))
+                     request=replace(status.request, next=None, waiting_since=None, proposed=False))
     return Outcome(item.project, status, lock=lock, claim=Claim(item.project, run, item.stage, env),
                    notes=(f"{item.project}: {item.stage.name} -> RUNNING on {me}",))

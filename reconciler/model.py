@@ -159,6 +159,7 @@ class RunSpec:
     until: str | None = None
     step: bool = False
     state: Desired = Desired.RUNNING
+    reason: str | None = None  # why the state was asked for (`winslow reject` writes who rejected and why)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunSpec:
@@ -169,6 +170,7 @@ class RunSpec:
             until=data.get("until"),
             step=bool(data.get("step", False)),
             state=Desired(data.get("state", "running")),
+            reason=data.get("reason"),
         )
 
 
@@ -299,6 +301,7 @@ class RequestProgress:
     next: str | None = None
     since: str | None = None
     waiting_since: str | None = None
+    proposed: bool = False  # WAITING: its resume branch was seen on the remote (deleting it rejects the gate)
     env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -308,7 +311,8 @@ class RequestProgress:
         return cls(
             number=int(data["number"]), from_stage=data["from"], until=data["until"],
             step=bool(data.get("step", False)), next=data.get("next"), since=data.get("since"),
-            waiting_since=data.get("waiting_since"), env=_env(data.get("env")),
+            waiting_since=data.get("waiting_since"), proposed=bool(data.get("proposed", False)),
+            env=_env(data.get("env")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,6 +320,8 @@ class RequestProgress:
                                 "step": self.step, "next": self.next, "since": self.since}
         if self.waiting_since:
             data["waiting_since"] = self.waiting_since
+        if self.proposed:
+            data["proposed"] = True
         data["env"] = dict(self.env)
         return data
 

@@ -137,7 +137,7 @@ def run(run_id: str, state: str = "RUNNING", node: str = "gpu1", **fields: Any) 
 def status(pid: str = "t", state: str = "RUNNING", request: int = 1, runs: Sequence[Mapping[str, Any]] = (),
            lock: Mapping[str, Any] | None = CPU, from_: str | None = None, until: str | None = None,
            step: bool = False, waiting_since: str | None = None, env: Mapping[str, str] | None = None,
-           message: str | None = None) -> Repo:
+           message: str | None = None, proposed: bool = False) -> Repo:
     """status.yaml of an observed request, and its pipeline.lock.yaml (`lock=None`: none)."""
     stages = [s["name"] for s in (lock or CPU)["stages"]]
     progress: dict[str, Any] | None = None
@@ -146,6 +146,8 @@ def status(pid: str = "t", state: str = "RUNNING", request: int = 1, runs: Seque
                     "next": None, "since": T0, "env": dict(env or {})}
         if waiting_since:
             progress["waiting_since"] = waiting_since
+        if proposed:
+            progress["proposed"] = True
     data = {"state": state, "message": message, "observed_request": request, "request": progress,
             "updated": T0, "runs": [dict(r) for r in runs]}
     files = {f"projects/{pid}/status.yaml": dump_yaml(data)}

@@ -707,3 +707,33 @@ def test_only_the_first_live_node_writes_why_a_stage_waits_for_an_input() -> Non
     other = decide(World(snapshot(repo), nodes, NOW, has_input=lambda _: False), Me("gpu2"))
     assert "waits for input videos/x.mp4" in (first.statuses["t"].message or "")
     assert "t" not in other.statuses and other.claims == []
+
+
+# -- rejecting a gate ---------------------------------------------------------------------------------
+
+def _gated(proposed: bool, **spec: object) -> Repo:
+    return (base() | project(pipeline_name="tracking", request=1, **spec)
+            | status(lock=TRACKING, state="WAITING", runs=[run("1-detect-1", "SUCCEEDED")],
+                     waiting_since="2024-05-01T11:59:00+00:00", proposed=proposed))
+
+
+def test_a_gate_records_that_its_resume_branch_was_proposed() -> None:
+    plan = decide(World(snapshot(_gated(False)), {"gpu1": GPU1}, NOW, resume_branches=frozenset({"resume/t/1"})),
+                  Me("gpu1"))
+    assert plan.statuses["t"].state.value == "WAITING" and plan.statuses["t"].request.proposed
+    assert plan.resumes == []
+
+
+def test_a_resume_branch_deleted_unmerged_rejects_the_gate_and_one_not_yet_pushed_is_proposed() -> None:
+    rejected = decide(World(snapshot(_gated(True)), {"gpu1": GPU1}, NOW), Me("gpu1"))
+    assert rejected.statuses["t"].state.value == "FAILED"
+    assert "rejected: branch resume/t/1 was deleted" in (rejected.statuses["t"].message or "")
+    fresh = decide(World(snapshot(_gated(False)), {"gpu1": GPU1}, NOW), Me("gpu1"))
+    assert fresh.resumes == [Resume("t", 1, "cleanup")] and fresh.statuses["t"].state.value == "WAITING"
+
+
+def test_an_abort_with_a_reason_ends_failed_with_that_reason() -> None:
+    plan = decide(World(snapshot(_gated(True, state="aborted", reason="rejected by Ann: boxes drift")),
+                        {"gpu1": GPU1}, NOW, resume_branches=frozenset({"resume/t/1"})), Me("gpu1"))
+    assert plan.statuses["t"].state.value == "FAILED"
+    assert plan.statuses["t"].message == "rejected by Ann: boxes drift"
