@@ -402,7 +402,7 @@ def _new_request(cycle: _Cycle, entry: ProjectEntry, project: Project, status: S
     progress = RequestProgress(number=spec.request, from_stage=spec.from_stage or pipeline.stages[0].name,
                                until=spec.until or pipeline.stages[-1].name, step=spec.step, since=cycle.now,
                                env=project.env)
-    observed = replace(observe(status, progress), state=ProjectState.RUNNING,
+    observed = replace(observe(status, progress), state=ProjectState.RUNNING if status.active else ProjectState.PENDING,
                        message=f"request {spec.request} observed")
     busy = status.active
     stops = tuple(Stop(entry.id, run.id, f"{SUPERSEDED} by request {spec.request}")
@@ -454,7 +454,8 @@ def _continue(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Stat
                                          message=f"cannot start {stage.name}: stage {before.name} has no successful "
                                                  f"run to take input from"))
     start = new or Startable(entry.id, pipeline, stage, _next_id(status, status.request.number, stage.name), None)
-    return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message=here.message), start=start)
+    # Wanted, not placed: PENDING until a node claims it (the claim makes it RUNNING).
+    return Outcome(entry.id, replace(status, state=ProjectState.PENDING, message=here.message), start=start)
 
 
 def _waiting(cycle: _Cycle, entry: ProjectEntry, status: Status, pipeline: Pipeline, here: Standing) -> Outcome:
@@ -541,7 +542,7 @@ def _observed(item: Startable, status: Status, message: str | None = None) -> Ou
     assert item.new_request is not None
     if status.observed_request >= item.new_request.number:
         return Outcome(item.project, replace(status, message=message) if message else None)
-    observed = replace(observe(status, item.new_request), state=ProjectState.RUNNING,
+    observed = replace(observe(status, item.new_request), state=ProjectState.PENDING,
                        message=message or f"starting {item.stage.name}")
     return Outcome(item.project, observed, lock=(item.new_request.number, item.pipeline),
                    notes=(f"{item.project}: request {item.new_request.number} observed",))
@@ -579,16 +580,31 @@ def _waits_for_input(item: Startable, status: Status, missing: str, cycle: _Cycl
 
 
 def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:
+    """Why no live node can take the stage now: busy, draining, or none could ever (said plainly)."""
     need = item.stage.resources
-    wanted = f"{need.gpus} GPU(s), {need.cpus:g} CPU(s), {need.memory // 2**20} MiB"
+    wanted = f"{_count(need.gpus, 'GPU')}, {_count(need.cpus, 'CPU')}, {need.memory // 2**20} MiB"
     if item.stage.node_tags:
         wanted += f", tags {', '.join(item.stage.node_tags)}"
-    message = f"{item.stage.name} waits for a free node with {wanted}"
+    idle = slots(cycle.world.nodes, [], cycle.world.snapshot.config)  # every live node as if it ran nothing
+    undrained = {name: replace(slot, drain=False) for name, slot in idle.items()}
+    if rank(item.stage, idle):
+        message = f"{item.stage.name} waits for a free node with {wanted}: every node that fits is busy"
+    elif rank(item.stage, undrained):
+        message = f"{item.stage.name} waits for a node with {wanted}: every node that fits is draining"
+    else:
+        largest = max(idle.values(), key=lambda s: (s.gpu_total, s.cpus), default=None)
+        has = (f"; the largest live node, {largest.name}, has {_count(largest.gpu_total, 'GPU')} and "
+               f"{_count(largest.cpus, 'CPU')}" if largest else "; no node is alive")
+        message = f"no live node could ever run {item.stage.name}: it needs {wanted}{has}"
     if item.new_request is not None:
         return _observed(item, status, message)
     if status.message != message:
         return Outcome(item.project, replace(status, message=message))
     return Outcome(item.project)
+
+
+def _count(n: float, noun: str) -> str:
+    return f"{n:g} {noun}" + ("" if n == 1 else "s")
 
 
 def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle) -> Outcome:

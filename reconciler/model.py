@@ -27,6 +27,7 @@ SECRET_MASK = "***"  # what a secret's value is replaced with wherever env or lo
 
 
 class ProjectState(str, enum.Enum):
+    PENDING = "PENDING"  # a stage is wanted and no node has claimed it yet; `message` says why
     RUNNING = "RUNNING"
     PAUSED = "PAUSED"
     WAITING = "WAITING"
@@ -397,6 +398,7 @@ class ClusterConfig:
     log_tail: int = 4 * MiB
     live_tail: int = 8 * 1024
     nodes: Mapping[str, NodeSettings] = field(default_factory=dict)
+    merge_request_url: str | None = None  # viewer.merge_request_url: opens a merge request of {branch}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ClusterConfig:
@@ -419,6 +421,7 @@ class ClusterConfig:
                                       reserved_gpus=tuple(s.get("reserved_gpus", ())),
                                       tags=tuple(s.get("tags", ())))
                    for name, s in data.get("nodes", {}).items()},
+            merge_request_url=data.get("viewer", {}).get("merge_request_url"),
         )
 
 

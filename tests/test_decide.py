@@ -47,7 +47,7 @@ LAPTOP = node("laptop", gpus=0, cpus=4, memory=16 * GiB)
 
 UNCHANGED = None  # the plan writes no status for the project
 
-REQUEST_OBSERVED = project(request=1) | status(runs=[], message="starting a")  # nothing claimed yet
+REQUEST_OBSERVED = project(request=1) | status(state="PENDING", runs=[], message="starting a")  # nothing claimed yet
 CPU_EDITED = {"name": "cpu", "stages": [stage("a"), stage("x")]}  # b and c renamed away after the lock
 
 
@@ -132,7 +132,7 @@ CASES = [
     Case(id="new-request-no-node-claimed-in-time-is-recorded-by-the-first-live-node",
          repo=base(nodes={"gpu1": {"drain": True}}) | project(request=1), nodes=[GPU1, LAPTOP],
          waited={"t/1-a-1": 3.0},
-         state="RUNNING", observed=1, message="starting a", locks={"t": (1, "a b c")}, waiting=["t/1-a-1"]),
+         state="PENDING", observed=1, message="starting a", locks={"t": (1, "a b c")}, waiting=["t/1-a-1"]),
     Case(id="new-request-still-within-its-grace-is-recorded-by-nobody-but-its-claimer",
          repo=base(nodes={"gpu1": {"drain": True}}) | project(request=1), nodes=[GPU1, LAPTOP],
          waited={"t/1-a-1": 2.9},
@@ -319,16 +319,17 @@ CASES = [
     Case(id="gpu-stage-on-node-without-gpus-waits-and-says-for-what",
          repo=base() | project(pipeline_name="tracking", request=1) | status(lock=TRACKING, runs=[]),
          nodes=[LAPTOP], me="laptop",
-         state="RUNNING", message="detect waits for a free node with 1 GPU(s), 4 CPU(s), 8192 MiB"),
+         state="PENDING", message="no live node could ever run detect: it needs 1 GPU, 4 CPUs, 8192 MiB; "
+                                  "the largest live node, laptop, has 0 GPUs and 4 CPUs"),
     Case(id="new-gpu-request-on-node-without-gpus-says-what-it-waits-for",
                repo=base() | project(pipeline_name="tracking", request=1),
                nodes=[LAPTOP], me="laptop",
-               state="RUNNING", observed=1, locks={"t": (1, "detect cleanup analyse")},
-               message="detect waits for a free node with 1 GPU(s)"),
+               state="PENDING", observed=1, locks={"t": (1, "detect cleanup analyse")},
+               message="no live node could ever run detect: it needs 1 GPU"),
     Case(id="two-gpu-stages-get-gpu-0-and-1-and-a-third-waits",
          repo=base() | project("p1", "tracking", request=1) | project("p2", "tracking", request=1)
          | project("p3", "tracking", request=1),
-         others={"p1": "RUNNING", "p2": "RUNNING", "p3": "RUNNING"},
+         others={"p1": "RUNNING", "p2": "RUNNING", "p3": "PENDING"},
          locks={p: (1, "detect cleanup analyse") for p in ("p1", "p2", "p3")},
          claims=[claim("1-detect-1", gpus=[0], pid="p1"), claim("1-detect-1", gpus=[1], pid="p2")]),
     Case(id="gpu-held-by-a-running-run-is-not-assigned-again",
@@ -344,13 +345,13 @@ CASES = [
     Case(id="gpu-stage-waits-when-every-gpu-is-reserved",
          repo=base(nodes={"gpu1": {"reserved_gpus": [0, 1]}}) | project(pipeline_name="tracking", request=1)
          | status(lock=TRACKING, runs=[]),
-         state="RUNNING", message="detect waits for a free node with 1 GPU(s)"),
+         state="PENDING", message="no live node could ever run detect: it needs 1 GPU"),
     Case(id="drained-node-claims-nothing",
          repo=base(nodes={"gpu1": {"drain": True}}) | project(request=1) | status(runs=[]),
-         state="RUNNING", message="a waits for a free node"),
+         state="PENDING", message="a waits for a node with 0 GPUs, 1 CPU, 1024 MiB: every node that fits is draining"),
     Case(id="drained-node-still-records-a-new-request",
          repo=base(nodes={"gpu1": {"drain": True}}) | project(request=1),
-         state="RUNNING", observed=1, locks={"t": (1, "a b c")}),
+         state="PENDING", observed=1, locks={"t": (1, "a b c")}),
     Case(id="cpu-stage-is-left-to-node-without-gpus",
          repo=base() | REQUEST_OBSERVED, nodes=[GPU1, LAPTOP],
          state=UNCHANGED, waiting=["t/1-a-1"]),
@@ -374,16 +375,16 @@ CASES = [
     Case(id="node-whose-memory-is-used-up-claims-no-more",
                repo=base() | project("u1", request=1) | project("u2", request=1) | project("u3", request=1),
                nodes=[node("gpu1", cpus=8, memory=2 * GiB)],
-               others={"u1": "RUNNING", "u2": "RUNNING", "u3": "RUNNING"},
+               others={"u1": "RUNNING", "u2": "RUNNING", "u3": "PENDING"},
                locks={p: (1, "a b c") for p in ("u1", "u2", "u3")},
                claims=[claim("1-a-1", pid="u1"), claim("1-a-1", pid="u2")]),
     Case(id="node-whose-memory-is-held-by-running-runs-claims-no-more",
-               repo=base() | project(request=1) | status(runs=[], message="starting a")
+               repo=base() | project(request=1) | status(state="PENDING", runs=[], message="starting a")
                | project("u1", request=1) | status("u1", runs=[run("1-a-1", project="u1", memory=GiB)])
                | project("u2", request=1) | status("u2", runs=[run("1-a-1", project="u2", memory=GiB)]),
                nodes=[node("gpu1", cpus=8, memory=2 * GiB)], local=["u1/1-a-1", "u2/1-a-1"],
-               state="RUNNING", others={"u1": "RUNNING", "u2": "RUNNING"},
-               message="a waits for a free node with 0 GPU(s), 1 CPU(s), 1024 MiB"),
+               state="PENDING", others={"u1": "RUNNING", "u2": "RUNNING"},
+               message="a waits for a free node with 0 GPUs, 1 CPU, 1024 MiB: every node that fits is busy"),
 
     # -- env and secrets ---------------------------------------------------------------------------
     Case(id="project-env-wins-over-stage-env-wins-over-pipeline-env",
@@ -672,7 +673,7 @@ def test_only_the_first_live_node_says_why_a_stage_waits_and_no_other_node_write
     repo = base(nodes={"gpu1": {"drain": True}, "laptop": {"drain": True}}) | REQUEST_OBSERVED
     nodes = {"gpu1": GPU1, "laptop": LAPTOP}
     leader = decide(World(snapshot(repo), nodes, NOW), Me("gpu1"))
-    assert "waits for a free node" in (leader.statuses["t"].message or "")
+    assert "every node that fits is draining" in (leader.statuses["t"].message or "")
     written = apply(repo, leader)
     for name in ("laptop", "gpu1"):  # neither the other node nor the leader itself rewrites it
         again = decide(World(snapshot(written), nodes, NOW), Me(name))
