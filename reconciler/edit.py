@@ -64,6 +64,92 @@ def set_env(text: str, values: Mapping[str, Any]) -> str:
     return set_fields(text, ("env",), values)
 
 
+def add_items(text: str, path: Sequence[str], items: Iterable[Any]) -> str:
+    """Append `items` not already there to the list at `path` (created when missing); the rest stays as written."""
+    current = _list_at(text, tuple(path))
+    old = [] if current is None else [node.value for node in current[1].value]
+    new = [item for item in dict.fromkeys(items) if item not in old]
+    if not new:
+        return text
+    if current is None or current[1].flow_style:
+        return _set_list(text, tuple(path), old + new, current)
+    _, node = current
+    last = node.value[-1]
+    dash = _dash(text, last)
+    at = _skip_comments(text, _line_end(text, _last_char(text, last)), len(dash) - len(dash.lstrip(" ")) + 1)
+    nl = _newline(text)
+    result = _splice(text, [(at, at, "".join(f"{nl}{dash}{render(item)}" for item in new))])
+    _verify(text, result, tuple(path[:-1]), set_values={path[-1]: old + new})
+    return result
+
+
+def remove_items(text: str, path: Sequence[str], items: Iterable[Any]) -> str:
+    """Remove `items` (with their trailing comments) from the list at `path`; absent items are fine."""
+    current = _list_at(text, tuple(path))
+    if current is None:
+        return text
+    doomed = set(items)
+    key, node = current
+    kept = [item.value for item in node.value if item.value not in doomed]
+    if len(kept) == len(node.value):
+        return text
+    if node.flow_style:
+        return _set_list(text, tuple(path), kept, current)
+    edits: list[_Edit] = []
+    for item in node.value:
+        if item.value in doomed:
+            dash = _dash(text, item)
+            start = item.start_mark.index - len(dash)
+            end = _skip_comments(text, _line_end(text, _last_char(text, item)), len(dash) - len(dash.lstrip(" ")) + 1)
+            edits.append((start, _next_line(text, end), ""))
+    if not kept:  # an empty block would read as null
+        colon = text.index(":", key.end_mark.index)
+        edits.append((colon + 1, colon + 1, " []"))
+    result = _splice(text, edits)
+    _verify(text, result, tuple(path[:-1]), set_values={path[-1]: kept})
+    return result
+
+
+def _list_at(text: str, path: tuple[str, ...]) -> tuple[yaml.Node, yaml.SequenceNode] | None:
+    """The key and the list of scalars at `path`; None when it is missing or empty (`tags:` or `tags: ~`)."""
+    node = _compose(text)
+    found: tuple[yaml.Node, yaml.Node] | None = None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode) or (found := _find(node, key)) is None:
+            return None
+        node = found[1]
+    if found is None or _is_null(found[1]):
+        return None
+    value = found[1]
+    if not isinstance(value, yaml.SequenceNode) or not all(isinstance(item, yaml.ScalarNode) for item in value.value):
+        raise EditError(f"'{_where(path)}' is not a list of single values (line {value.start_mark.line + 1})")
+    return found[0], value
+
+
+def _set_list(text: str, path: tuple[str, ...], values: list[Any],
+              current: tuple[yaml.Node, yaml.SequenceNode] | None) -> str:
+    """A missing list written in flow style after its siblings, or a flow list rewritten keeping its comment."""
+    if current is None:
+        return set_fields(text, path[:-1], {path[-1]: values})
+    node = current[1]
+    kept = {item.value: text[item.start_mark.index:item.end_mark.index] for item in node.value}
+    flow = "[" + ", ".join(kept.get(v, render(v, True)) for v in values) + "]"
+    start, end = node.start_mark.index, node.end_mark.index
+    edit = (start, end, flow) if "\n" in text[start:end] else _keep_comment_column(text, start, end, flow)
+    result = _splice(text, [edit])
+    _verify(text, result, path[:-1], set_values={path[-1]: values})
+    return result
+
+
+def _dash(text: str, item: yaml.Node) -> str:
+    """The `  - ` before an item of a block list; refused when the item shares its line with anything else."""
+    start = text.rfind("\n", 0, item.start_mark.index) + 1
+    dash = text[start:item.start_mark.index]
+    if dash.strip(" ") != "-":
+        raise EditError(f"cannot edit the list item on line {item.start_mark.line + 1}: it shares its line")
+    return dash
+
+
 def _compose(text: str) -> yaml.Node | None:
     try:
         # The pure-Python loader: its marks index characters of `text`, which is what a splice needs.
