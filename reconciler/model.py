@@ -511,6 +511,8 @@ class NodeInfo:
     version: str = ""
     started: str | None = None
     drain: bool = False
+    fenced: bool = False            # its lease ran out: it stopped its runs and claims nothing until renewed
+    settings_held: str | None = None  # winslow.yaml is invalid: what the node keeps instead, in words
     load: LoadSample | None = None
     history: tuple[LoadSample, ...] = field(default=(), compare=False, repr=False)
     runs: tuple[NodeRun, ...] = field(default=(), compare=False, repr=False)
@@ -535,7 +537,8 @@ class NodeInfo:
             tags=tuple(data.get("tags", ())), executor=data.get("executor", "process"),
             tick=int(data.get("tick", 0)), version=str(data.get("version") or ""),
             started=data.get("started") if isinstance(data.get("started"), str) else None,
-            drain=bool(data.get("drain", False)),
+            drain=bool(data.get("drain", False)), fenced=bool(data.get("fenced", False)),
+            settings_held=data["settings_held"] if isinstance(data.get("settings_held"), str) else None,
             load=LoadSample.from_dict(load) if isinstance(load, Mapping) else None,
             history=tuple(LoadSample.from_dict(sample) for sample in _items(data.get("history"))),
             runs=tuple(NodeRun.from_dict(r) for r in _items(data.get("runs"))),
