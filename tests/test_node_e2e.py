@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cluster import NodeProcess, StateRemote, git, wait_for
+from tests.cluster import GIT_ENV, NodeProcess, StateRemote, git, wait_for
 
 PIPELINE = """\
 name: cpu
@@ -237,3 +238,34 @@ def test_a_short_run_costs_its_status_file_at_most_three_writes(cluster) -> None
     states = [yaml.safe_load(git(remote.remote, "show", f"{c}:projects/p/status.yaml"))["runs"] for c in commits[1:]]
     first_started = next(runs[0] for runs in states if runs and runs[0].get("started"))
     assert first_started["state"] == "SUCCEEDED"  # a start younger than a few seconds rides with the end
+
+
+@pytest.mark.parametrize("how", ["winslow reject", "branch deleted by hand"])
+def test_a_gate_rejected_ends_the_request_failed_with_who_and_why(cluster, tmp_path: Path, how: str) -> None:
+    remote, start = cluster
+    remote.write({"pipelines/cpu.yaml": PIPELINE.format(image="none", gate="true"),
+                  "projects/p/project.yaml": PROJECT.format(pipeline="cpu", request=1, state="running")})
+    start()
+    wait_for(lambda: remote.status("p").get("request", {}).get("proposed"), 30, "the gate's branch to be proposed")
+    git(remote.clone, "fetch", "-q", "origin")
+    git(remote.clone, "reset", "-q", "--hard", "origin/main")
+    if how == "winslow reject":
+        out = subprocess.run([sys.executable, "-m", "reconciler", "reject", "p", "--reason", "boxes  drift"],
+                             cwd=remote.clone, capture_output=True, text=True, timeout=60,
+                             env={**GIT_ENV, "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "user.name",
+                                  "GIT_CONFIG_VALUE_0": "Ann"})
+        assert out.returncode == 0, out.stderr
+        expected = "rejected by Ann: boxes drift"
+    else:
+        git(remote.clone, "push", "-q", "origin", ":refs/heads/resume/p/1")
+        expected = "rejected: branch resume/p/1 was deleted without being merged"
+    assert "refs/heads/resume/p/1" not in remote.refs()
+    wait_for(lambda: state_of(remote, "p") == "FAILED", 30, "the rejection to land")
+    assert remote.status("p")["message"] == expected
+    assert [r["id"] for r in remote.status("p")["runs"]] == ["1-a-1"]  # b never ran
+    if how == "winslow reject":  # asking again drops the reason, which was for the rejection
+        git(remote.clone, "pull", "-q", "origin", "main")
+        again = subprocess.run([sys.executable, "-m", "reconciler", "start", "p"], cwd=remote.clone,
+                               capture_output=True, text=True, timeout=60, env=GIT_ENV)
+        assert again.returncode == 0, again.stderr
+        assert "reason" not in (remote.read("projects/p/project.yaml") or "reason")

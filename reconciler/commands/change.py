@@ -16,7 +16,7 @@ from typing import Any
 
 from reconciler import layout
 from reconciler.commands.clone import MAIN, TRIES, Clone, local_projects, no_project, pull, require_main
-from reconciler.edit import set_env, set_fields
+from reconciler.edit import remove_fields, set_env, set_fields
 from reconciler.errors import ConfigError, GitError, InvalidFile, Problem, PushRejected
 from reconciler.gitcmd import push
 from reconciler.model import Pipeline
@@ -46,6 +46,7 @@ class Edit:
     files: Mapping[str, str | None]     # path -> its new text; None: the file or folder leaves git
     body: str = ""                      # the rest of the commit message
     notes: tuple[str, ...] = ()         # printed after the commit: what follows from it
+    deletes: tuple[str, ...] = ()       # branches deleted on origin in the same (atomic) push
 
 
 # (the clone's root, just pulled) -> the edit to make, or what to print when there is nothing to change
@@ -125,6 +126,8 @@ def commit_change(clone: Clone, project: str, plan: Plan) -> str | None:
             return f"{project}: {change.unchanged}"
         edited = set_env(text, change.env) if change.env else text
         edited = set_fields(edited, ("run",), change.run)
+        if "state" in change.run and "reason" not in change.run and "reason" in run:
+            edited = remove_fields(edited, ("run",), ["reason"])  # the reason was for the state it replaces
         check_project(root, project, edited)
         return Edit(change.message, {rel: edited})
 
@@ -149,14 +152,17 @@ def commit_edit(clone: Clone, paths: Sequence[str], plan: EditPlan) -> Edit | No
             print(edit)
             return None
         _commit(clone, edit)
+        refspecs = [f"{MAIN}:{MAIN}"] + [f":refs/heads/{branch}" for branch in edit.deletes]
         try:
-            push(clone.root, "origin", [f"{MAIN}:{MAIN}"], env=clone.env)
+            push(clone.root, "origin", (["--atomic"] if edit.deletes else []) + refspecs, env=clone.env)
         except PushRejected:
             clone.git("reset", "-q", "--keep", "HEAD~1")  # someone pushed first: make the edit again on their tip
             continue
         except GitError:
             clone.git("reset", "-q", "--keep", "HEAD~1")  # not pushed means not done: leave no local commit
             raise
+        for branch in edit.deletes:
+            clone.bytes("update-ref", "-d", layout.ORIGIN + branch)
         sha = clone.git("rev-parse", "--short", "HEAD").strip()
         print(f"{edit.message} ({sha}, pushed to origin/{MAIN})")
         for note in edit.notes:

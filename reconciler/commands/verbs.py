@@ -1,8 +1,9 @@
-"""The verbs that change a project: `start`, `pause`, `resume`, `abort` and `approve`.
+"""The verbs that change a project: `start`, `pause`, `resume`, `abort`, `approve` and `reject`.
 
 Each is a shortcut for an edit a person would make by hand in their clone of the
 state repo (see change.py for how one edit is committed and pushed); `approve`
-merges the newest resume/<P>/<N> branch into main instead. The read-only verbs
+merges the newest resume/<P>/<N> branch into main instead, and `reject` deletes it
+in the same push as the edit that says who rejected the gate and why. The read-only verbs
 live in status.py and logs.py.
 """
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from reconciler import layout
-from reconciler.commands.change import Change, check_stage, commit_change
+from reconciler.commands.change import Change, Edit, check_project, check_stage, commit_change, commit_edit
 from reconciler.commands.clone import (
     MAIN,
     TRIES,
@@ -26,6 +28,7 @@ from reconciler.commands.clone import (
     pull,
     require_main,
 )
+from reconciler.edit import set_fields
 from reconciler.errors import ConfigError, GitError, PushRejected
 from reconciler.gitcmd import push
 from reconciler.model import Pipeline
@@ -66,6 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "Merge the newest origin branch resume/P/N into main and push main together with the deletion "
                    "of that branch.", run_approve)
     approve.add_argument("project")
+
+    reject = verb("reject", "refuse a project waiting at a gate: its request ends FAILED",
+                  "Set run.state: aborted with run.reason 'rejected by NAME: TEXT' in projects/P/project.yaml and "
+                  "push it together with the deletion of the gate's branch resume/P/N, so the request ends FAILED "
+                  "with that reason. Deleting the branch by hand (closing its merge request) rejects too, without "
+                  "a reason.\n\nexample: winslow reject ulm-0812 --reason 'boxes drift after frame 9000'", run_reject)
+    reject.add_argument("project")
+    reject.add_argument("--reason", required=True, help="why: shown in status as 'rejected by NAME: TEXT'")
 
 
 def _request(run: Mapping[str, Any]) -> int:
@@ -165,6 +176,31 @@ def _resume_branch(clone: Clone, project: str) -> int | None:
     numbers = [int(ref[len(prefix):]) for ref in (line.split("\t")[-1] for line in listing.splitlines())
                if ref.startswith(prefix) and ref[len(prefix):].isdigit()]
     return max(numbers) if numbers else None
+
+
+def run_reject(args: argparse.Namespace) -> int:
+    project = args.project
+    check_name(project)
+    clone = open_clone(args.repo_dir)
+    who = (clone.bytes("config", "user.name") or b"").decode("utf-8", "replace").strip() or "someone"
+    reason = f"rejected by {who}: {' '.join(args.reason.split())}"
+
+    def edit(root: Path) -> Edit | str:
+        number = _resume_branch(clone, project)
+        if number is None:
+            raise ConfigError(f"{project} is not waiting at a gate: no resume branch on origin")
+        rel = layout.project_file(project)
+        if not (root / rel).is_file():
+            raise no_project(project, local_projects(root))
+        text = (root / rel).read_text(encoding="utf-8")
+        edited = set_fields(text, ("run",), {"state": "aborted", "reason": reason})
+        check_project(root, project, edited)
+        branch = layout.resume_branch(project, number)
+        return Edit(f"{project}: reject the gate of request {number}", {rel: edited}, body=reason,
+                    notes=(f"deleted {branch} on origin; the request ends FAILED: {reason}",), deletes=(branch,))
+
+    commit_edit(clone, [layout.project_file(project)], edit)
+    return 0
 
 
 def run_approve(args: argparse.Namespace) -> int:
