@@ -492,6 +492,12 @@ class Node:
                 input_dir=self.storage.inside(run.input) if run.input else None,
                 log_path=self.storage.log_path(claim.project, run.id), gpus=run.gpus, cpus=stage.resources.cpus,
                 memory=stage.resources.memory, timeout=stage.timeout, secrets=self.secrets.get(stage.secrets))
+            if spec.workspace_dir.is_dir() and any(spec.workspace_dir.iterdir()):
+                # A run id names one attempt forever; files here are another run's (a project deleted and
+                # created again before the nodes cleaned its storage up). They are never mixed into this one.
+                return (f"its workspace {layout.workspace(claim.project, run.id)} already holds files of an "
+                        f"earlier run of that name (a deleted project of the same name?); move them away and "
+                        f"start again")
             spec.workspace_dir.mkdir(parents=True, exist_ok=True)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         except (ExecutorError, StorageError, OSError) as exc:

@@ -253,3 +253,21 @@ def test_the_node_says_in_one_line_each_what_is_invalid_and_what_keeps_running_w
         wait_for(lambda: remote.status("p").get("state") == "FAILED", 30, "the adopted run to be stopped")
     finally:
         again.stop()
+
+
+def test_a_run_never_writes_into_files_another_run_of_the_same_name_left(tmp_path: Path) -> None:
+    """A project deleted and created again before the cleanup: its old run's files are not mixed into the new one."""
+    remote = StateRemote(tmp_path)
+    old = tmp_path / "storage" / "workspaces" / "p" / "1-a-1"
+    old.mkdir(parents=True)
+    (old / "tracks.csv").write_text("from the deleted project\n")
+    remote.write({"pipelines/cpu.yaml": PIPELINE, "projects/p/project.yaml": "pipeline: cpu\nrun: {request: 1}\n"},
+                 "p again")
+    node = NodeProcess("ws-1", remote.remote, tmp_path / "storage", tmp_path / "work")
+    try:
+        wait_for(lambda: remote.status("p").get("state") == "FAILED", 60, "the run to be refused")
+    finally:
+        node.stop()
+    (run,) = remote.status("p")["runs"]
+    assert run["state"] == "FAILED" and "already holds files of an earlier run" in run["reason"]
+    assert (old / "tracks.csv").read_text() == "from the deleted project\n" and len(list(old.iterdir())) == 1
