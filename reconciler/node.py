@@ -32,7 +32,7 @@ from reconciler.lister import Lister
 from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.memory import DecisionMemory, Inputs
-from reconciler.model import ClusterConfig, ProjectState
+from reconciler.model import ClusterConfig, ProjectState, RunState
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
@@ -108,6 +108,11 @@ def _keep_out_of_collections() -> None:
     gc.freeze()
 
 
+def _fields(project: str, run_id: str, node: str | None, event: str) -> dict[str, str | None]:
+    """The fields a JSON log line (`winslow node --log-format json`) carries beside the message."""
+    return {"project": project, "run": run_id, "node": node, "event": event}
+
+
 def _git_words(exc: GitError) -> str:
     """What git said, without the command and folder this process ran it in."""
     text = str(exc)
@@ -168,7 +173,7 @@ class Node:
         self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
                                  lost=lost))
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
-                 f" ({info.reason})" if info.reason else "")
+                 f" ({info.reason})" if info.reason else "", extra=_fields(info.project, info.run_id, self.name, "exited"))
         self.wake.set()
 
     def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
@@ -193,7 +198,8 @@ class Node:
         reason = f"fenced: {self.name} could not renew its heartbeat for {silent:.0f}s"
         running = [(r.project, r.run_id) for r in self.executor.running()]
         for project, run_id in self.fence.cut_off(running):
-            log.warning("%s/%s: %s", project, run_id, reason)
+            log.warning("%s/%s on %s: %s", project, run_id, self.name, reason,
+                        extra=_fields(project, run_id, self.name, "fenced"))
             try:
                 self.executor.stop(project, run_id, reason)
             except Exception:
@@ -341,6 +347,27 @@ class Node:
         else:
             log.info("%s: stopping (%s); no runs here", self.name, self._stop_reason)
 
+    def _say_events(self, plan: Plan, snapshot: Snapshot) -> None:
+        """What this commit recorded, one line per run: claimed here, finished here, or marked LOST by this node."""
+        for claim in plan.claims:
+            gpus = f", GPU {','.join(map(str, claim.run.gpus))}" if claim.run.gpus else ""
+            log.info("%s/%s on %s: claimed (stage %s%s)", claim.project, claim.run.id, self.name, claim.stage.name,
+                     gpus, extra=_fields(claim.project, claim.run.id, self.name, "claimed"))
+        finished = set()
+        for project, run, _ in plan.finished:
+            finished.add((project, run.id))
+            why = f": {run.reason}" if run.reason else ""
+            log.info("%s/%s on %s: %s (exit %s)%s", project, run.id, run.node or self.name, run.state.value,
+                     run.exit_code, why, extra=_fields(project, run.id, run.node or self.name, run.state.value.lower()))
+        for project, status in plan.statuses.items():
+            before = snapshot.projects.get(project)
+            for run in status.runs:
+                old = before.status.run(run.id) if before else None
+                if run.state is RunState.LOST and old is not None and old.state is not RunState.LOST \
+                        and (project, run.id) not in finished:
+                    log.warning("%s/%s on %s: LOST, marked by %s: %s", project, run.id, run.node, self.name,
+                                run.reason, extra=_fields(project, run.id, run.node, "lost"))
+
     def _say_invalid(self, plan: Plan, snapshot: Snapshot) -> None:
         """A project this node has just recorded as INVALID: one line that says which and why."""
         for project, status in plan.statuses.items():
@@ -405,7 +432,8 @@ class Node:
         self.memory.remember(plan, snapshot, inputs, held)
         self.cycles += 1
         for stop in plan.stops:
-            log.info("%s/%s: stopping (%s)", stop.project, stop.run_id, stop.reason)
+            log.info("%s/%s on %s: stopping (%s)", stop.project, stop.run_id, self.name, stop.reason,
+                     extra=_fields(stop.project, stop.run_id, self.name, "stopping"))
             try:
                 self.executor.stop(stop.project, stop.run_id, stop.reason)
             except Exception:
@@ -430,6 +458,7 @@ class Node:
             clock.lap("prepared")
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
             self._say_invalid(plan, snapshot)
+            self._say_events(plan, snapshot)
             tip = commit
         self.journal.settle(plan.settled)
         for claim, spec in launches:  # started beside the cycle: exits and new claims need not wait for them
@@ -529,7 +558,8 @@ class Node:
             started = self.executor.start(spec)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the run did not start: say so, do not lose the claim
             reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
-            log.warning("%s/%s: could not start: %s", claim.project, run.id, reason)
+            log.warning("%s/%s on %s: could not start: %s", claim.project, run.id, self.name, reason,
+                        extra=_fields(claim.project, run.id, self.name, "not started"))
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
@@ -537,8 +567,9 @@ class Node:
         self.memory.started(fact)
         self.journal.record(fact)
         self.wake.set()
-        log.info("%s/%s: %s started on %s%s", claim.project, run.id, stage.name, self.name,
-                 f" with GPU {list(run.gpus)}" if run.gpus else "")
+        log.info("%s/%s on %s: started (stage %s%s)", claim.project, run.id, self.name, stage.name,
+                 f", GPU {','.join(map(str, run.gpus))}" if run.gpus else "",
+                 extra=_fields(claim.project, run.id, self.name, "started"))
 
     def _sleep_budget(self) -> float:
         return self.memory.sleep_budget(self._config())

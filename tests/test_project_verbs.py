@@ -528,7 +528,7 @@ def test_a_node_stops_a_deleted_project_and_removes_exactly_its_storage(tmp_path
                  30, "the nodes to remove gone's storage")
     finally:
         node.stop()
-    assert "gone/1-work-1: stopping (project deleted)" in node.log()  # storage goes only once nothing runs there
+    assert "gone/1-work-1 on n1: stopping (project deleted)" in node.log()  # storage goes only once nothing runs there
     assert state.read("projects/gone/status.yaml") is None  # the folder stays gone: nothing is left to a new `gone`
     kept = sorted(str(p.relative_to(storage)) for p in storage.rglob("*") if p.is_file())
     assert kept == ["logs/ulm-0812/1-detect-1.log", "resources/clip.mp4", "workspaces/ulm-0812/1-detect-1/tracks.csv"]

@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--node-timeout", help="a silent node is lost after this (default 30s)")
     parser.add_argument("--lease", help="stop own containers when no heartbeat could be pushed for this (default 20s)")
     parser.add_argument("--poll", help="poll interval for remotes that cannot be watched (default 2s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text for people (default), or one JSON object per line for log shippers")
     parser.set_defaults(func=run)
 
 
@@ -47,7 +49,10 @@ def _seconds(value: str | None, flag: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reconciler import logfmt
     from reconciler.node import Node, NodeOptions
+
+    logfmt.use(args.log_format)
     from reconciler.validation import is_safe_id
 
     if not is_safe_id(args.name):
