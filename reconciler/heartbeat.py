@@ -8,6 +8,11 @@ changes only a tiny tick file; the node file itself is rewritten when runs, log
 tails or capacity change, and for a fresh load sample every `LOAD_EVERY` beats, so
 a quiet node adds a few hundred bytes to the remote per beat.
 
+A run's log tail is looked at every `TAIL_CHECK` seconds while runs are going; when it
+changed, the beat comes early (at most once per `TAIL_EVERY` seconds), so `winslow logs
+--follow` shows output within about a second, not in heartbeat-sized bursts. A run that
+prints nothing costs nothing extra: its beats stay at the heartbeat interval.
+
 The heartbeat asks the node for one thing (its runs, as `NodeSide.heartbeat_runs`)
 and tells it one thing (`NodeSide.cut_off`: the lease ran out, stop everything).
 The lease is checked on its own, whether or not the beat before it succeeded.
@@ -33,6 +38,8 @@ from reconciler.yamlsafe import dump_yaml
 log = logging.getLogger("winslow.heartbeat")
 SQUASH_EVERY = 120
 LOAD_EVERY = 6  # beats between load samples on the branch (the viewer's charts): 30 s at the default 5 s
+TAIL_EVERY = 1.0   # the most often a changed log tail is pushed ahead of its beat: bounds the remote's growth
+TAIL_CHECK = 0.25  # how often running runs' tails are looked at (TAIL_EVERY while none run, to see one start)
 _CAPACITY_GPU_KEYS = ("index", "uuid", "model", "memory")
 _RUN_KEYS = ("project", "run", "stage", "gpus", "started", "log_tail")
 
@@ -69,6 +76,7 @@ class Heartbeat:
         self._beats_since_sample = LOAD_EVERY
         self._load: dict[str, Any] = {}
         self._content = b""
+        self._runs: list[dict[str, Any]] | None = None  # the runs of the last beat pushed; None after a failed one
         self._stop = threading.Event()
         self._now = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,19 +110,33 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._stop.is_set():
             config = self.settings.current
-            self._now.wait(min(config.heartbeat, max(0.5, config.lease / 4)))
+            look = TAIL_CHECK if self._runs else TAIL_EVERY
+            self._now.wait(min(config.heartbeat, max(0.5, config.lease / 4), look))
             self._now.clear()
             if self._stop.is_set():
                 return
             try:
-                if time.monotonic() - self._last_beat >= config.heartbeat:
+                since = time.monotonic() - self._last_beat
+                if since >= config.heartbeat:
                     self.beat()
+                elif since >= TAIL_EVERY and self._runs_changed():
+                    self.beat(early=True)
             except Exception:  # the heartbeat must outlive any one failure, or the node is declared lost
                 log.exception("%s: heartbeat failed", self.name)
             try:  # on its own: fencing must not depend on the beat having worked
                 self._check_lease()
             except Exception:
                 log.exception("%s: lease check failed", self.name)
+
+    def _runs_changed(self) -> bool:
+        """A run started, ended or printed since the last beat got through (after a failed one, wait for the next)."""
+        if self._runs is None:
+            return False
+        try:
+            runs = self.node.heartbeat_runs()
+        except Exception:  # noqa: BLE001 - an early beat is a courtesy; the regular one reports the failure
+            return False
+        return [_run_entry(run) for run in runs] != self._runs
 
     def _check_lease(self) -> None:
         silent = time.monotonic() - self._last_ok
@@ -128,17 +150,21 @@ class Heartbeat:
                              tick=None, tags=list(self.tags), drain=bool(own and own.drain), capacity=self.capacity,
                              load=self._load, history=self.sampler.history(), runs=self.node.heartbeat_runs())
 
-    def beat(self) -> None:
-        """Push the tick (always) and the node file (when it changed, or its load is a minute old)."""
+    def beat(self, early: bool = False) -> None:
+        """Push the tick (always) and the node file (when it changed, or its load is a minute old).
+
+        An early beat (a log tail changed) leaves the load samples on their heartbeat-paced schedule.
+        """
         self.tick += 1
         self._last_beat = time.monotonic()
         began = time.monotonic()
-        self._beats_since_sample += 1
+        self._beats_since_sample += 0 if early else 1
         if self._beats_since_sample >= LOAD_EVERY:
             self._load = self.sampler.sample()
             self._beats_since_sample = 0
         changes = {layout.node_tick(self.name): f"{self.tick}\n".encode()}
-        content = dump_yaml(self.document()).encode()
+        document = self.document()
+        content = dump_yaml(document).encode()
         parent = self._parent if self._beats_on_branch < SQUASH_EVERY else None
         if content != self._content or parent is None:  # a fresh branch carries the whole node file
             changes[layout.node_file(self.name)] = content
@@ -149,8 +175,9 @@ class Heartbeat:
         except GitError as exc:
             log.warning("%s: heartbeat not pushed (%s); %.0fs without one", self.name, exc,
                         time.monotonic() - self._last_ok)
+            self._runs = None
             return
-        self._parent, self._content = commit, content
+        self._parent, self._content, self._runs = commit, content, document["runs"]
         self._beats_on_branch = 1 if parent is None else self._beats_on_branch + 1
         self._last_ok = began  # the lease counts from when the push began, not when it ended
         if self.fence.renewed():
