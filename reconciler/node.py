@@ -274,8 +274,10 @@ class Node:
             self.repo.fetch(skip_node=self.name)
             log.debug("fetch %.0fms", (time.perf_counter() - began) * 1000)
             self._fetched = time.monotonic()
+            self.liveness.clock.fetched(True)
             self._reachable()
         except GitError as exc:
+            self.liveness.clock.fetched(False)
             self._unreachable(exc)
         for attempt in range(MAX_CAS_RETRIES):
             try:
@@ -296,6 +298,7 @@ class Node:
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
+                self.liveness.clock.fetched(False)
                 return self._unreachable(exc)
         else:
             log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,16 +187,17 @@ class RepoView:
             return None
 
     def nodes(self, timeout: float, tips: Mapping[str, str] | None = None,
-              trust_commit_time: bool = True) -> dict[str, NodeView]:
+              trust_commit_time: bool = True, clock: Callable[[], float] = time.monotonic) -> dict[str, NodeView]:
         """Every node with a branch, and whether it is alive, judged on this reader's own clocks.
 
         A reader that has watched a branch judges by when it last saw the tip move, on its
         monotonic clock: no clock synchronisation is assumed. A tip seen for the first time
         counts as just moved, unless `trust_commit_time` (a one-shot reader such as
         `winslow status`, which has nothing else to go by): then the heartbeat commit's
-        time is compared with this machine's clock.
+        time is compared with this machine's clock. `clock` measures the silence: a node
+        passes one that runs only while its own fetches succeed (liveness.ConnectedClock).
         """
-        now_mono, now_wall = time.monotonic(), time.time()
+        now_mono, now_wall = clock(), time.time()
         views = {}
         for name, tip in sorted((self.node_tips() if tips is None else tips).items()):
             seen = self._seen.get(name)

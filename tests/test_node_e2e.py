@@ -73,6 +73,7 @@ def test_pipeline_runs_through_gate_approved_by_merging_resume_branch(cluster, t
     log = remote.read("projects/p/logs/1-a-1.log")
     assert log is not None and "a says from-project" in log
     branch = wait_for(lambda: "refs/heads/resume/p/1" in remote.refs() and "refs/heads/resume/p/1", 10, "resume branch")
+    wait_for(lambda: remote.status("p")["request"].get("proposed"), 10, "the gate to record its branch")
     # Approve as a person would: merge the branch in a clone and push.
     git(remote.clone, "fetch", "-q", "origin")
     git(remote.clone, "reset", "-q", "--hard", "origin/main")

@@ -156,3 +156,31 @@ def test_reading_only_what_changed_gives_the_snapshot_a_full_read_gives(remote: 
         assert before is not None
         assert all(incremental.projects[p] is before.projects[p] for p in untouched if p in before.projects)
     view.close()
+
+
+def test_silence_counts_only_while_the_observer_reaches_the_remote(remote: StateRemote, tmp_path: Path) -> None:
+    """A git outage for everyone makes nobody lost: the node's clock stands still across failed fetches."""
+    from reconciler.liveness import ConnectedClock
+
+    clock = ConnectedClock()
+    clock.fetched(True, now=0.0)
+    clock.fetched(True, now=10.0)
+    assert clock() == 10.0
+    clock.fetched(False, now=20.0)   # the remote is down from here ...
+    clock.fetched(True, now=80.0)    # ... to here: those 70 s are nobody's silence
+    assert clock() == 10.0
+    clock.fetched(True, now=85.0)
+    assert clock() == 15.0
+
+    push_node(remote, tmp_path, dict(NODE_DOC, drain=False))
+    view = view_of(remote)
+    try:
+        seen = view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"]
+        assert not seen.lost and seen.heard_ago == 0.0
+        clock.fetched(False, now=90.0)
+        clock.fetched(True, now=200.0)  # a long outage: the branch could not move, and counts as silent for 0 s
+        assert not view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"].lost
+        clock.fetched(True, now=225.0)  # 25 s in touch with the remote and the branch did not move: lost
+        assert view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"].lost
+    finally:
+        view.close()
