@@ -148,7 +148,8 @@ class Heartbeat:
         own = self.settings.current.nodes.get(self.name)
         return node_document(name=self.name, version=__version__, executor=self.executor, started=self.started,
                              tick=None, tags=list(self.tags), drain=bool(own and own.drain), capacity=self.capacity,
-                             load=self._load, history=self.sampler.history(), runs=self.node.heartbeat_runs())
+                             load=self._load, history=self.sampler.history(), runs=self.node.heartbeat_runs(),
+                             fenced=not self.may_claim, settings_held=self.settings.held)
 
     def beat(self, early: bool = False) -> None:
         """Push the tick (always) and the node file (when it changed, or its load is a minute old).
@@ -197,6 +198,8 @@ def node_document(
     history: Iterable[Mapping[str, Any]],
     runs: Iterable[Mapping[str, Any]],
     heartbeat: str | None = None,
+    fenced: bool = False,
+    settings_held: str | None = None,
 ) -> dict[str, Any]:
     """`nodes/<node>.yaml`: keys and shapes exactly as `schema/node.schema.json` allows."""
     document: dict[str, Any] = {
@@ -211,6 +214,10 @@ def node_document(
         document["heartbeat"] = heartbeat
     document["tags"] = list(tags)
     document["drain"] = bool(drain)
+    if fenced:
+        document["fenced"] = True
+    if settings_held is not None:
+        document["settings_held"] = settings_held
     document["capacity"] = {
         "cpus": capacity.get("cpus", 1),
         "memory": int(capacity.get("memory", 0)),

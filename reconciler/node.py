@@ -400,7 +400,7 @@ class Node:
         if self.view.projects_read - read_before >= LARGE_READ:
             _keep_out_of_collections()
         clock.lap("read")
-        self.settings.update(snapshot.config)
+        self.settings.update(snapshot.config, snapshot.held_config.describe() if snapshot.held_config else None)
         if snapshot.held_config != self._held_config:
             self._say_held(snapshot.held_config)
         root = snapshot.config.storage_root

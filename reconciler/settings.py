@@ -19,15 +19,22 @@ class Settings:
         self._flags = {key: value for key, value in (flags or {}).items() if value is not None}
         self._lock = threading.Lock()
         self._current = replace(ClusterConfig(), **self._flags)
+        self._held: str | None = None
 
     @property
     def current(self) -> ClusterConfig:
         with self._lock:
             return self._current
 
-    def update(self, config: ClusterConfig) -> ClusterConfig:
+    @property
+    def held(self) -> str | None:
+        """winslow.yaml is invalid: which earlier settings stay in force, in words (None: it is valid)."""
+        with self._lock:
+            return self._held
+
+    def update(self, config: ClusterConfig, held: str | None = None) -> ClusterConfig:
         """Take the settings of a new snapshot (flags still on top); returns what is now in force."""
         merged = replace(config, **self._flags)
         with self._lock:
-            self._current = merged
+            self._current, self._held = merged, held
         return merged

@@ -89,6 +89,9 @@ def test_a_drained_node_stays_drained_when_winslow_yaml_breaks_and_says_so(tmp_p
         assert first.startswith("warning: winslow.yaml:4") and "last valid version" in first
         data = json.loads(winslow(remote.clone, "status", "--json").stdout)
         assert "winslow.yaml:4" in data["settings"]["held"]
+        heartbeat = wait_for(lambda: yaml.safe_load(remote.read("nodes/ws-1.yaml", ref="winslow/nodes/ws-1") or "{}")
+                             .get("settings_held"), 30, "the heartbeat to carry it")
+        assert isinstance(heartbeat, str) and "winslow.yaml:4" in heartbeat and "last valid version" in heartbeat
     finally:
         node.stop()
 
