@@ -329,7 +329,7 @@ def _listed(manifest: Mapping[str, object]) -> str:
     count = len(files) if isinstance(files, list) else 0
     unlisted = manifest.get("unlisted")
     skipped = f", {len(unlisted)} could not be listed" if isinstance(unlisted, list) and unlisted else ""
-    return f"results listed: {count} file(s){skipped}"
+    return f"results listed: {_count(count, 'file')}{skipped}"
 
 
 def _mark_lost(status: Status, world: World) -> Status:

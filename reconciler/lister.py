@@ -100,6 +100,6 @@ class Lister:
             self._pending.discard((project, run_id))
             self._listed.notify_all()
         files = manifest.get("files") or []
-        log.info("%s/%s: workspace listed: %d file(s), %d bytes", project, run_id, len(files),
-                 manifest.get("total_size", 0))
+        log.info("%s/%s: workspace listed: %d %s, %d bytes", project, run_id, len(files),
+                 "file" if len(files) == 1 else "files", manifest.get("total_size", 0))
         self._wake.set()
