@@ -160,8 +160,13 @@ class _Cycle:
 
 
 def leader(world: World, me: str) -> str:
-    """The first live node: the one that records what nobody may claim and marks lost nodes' runs."""
-    return min(world.nodes) if world.nodes else me
+    """The first live node whose cycles work: the one that records what nobody may claim.
+
+    A node whose cycles keep failing (its heartbeat says `degraded`) is alive but never leads,
+    so one broken node cannot stop what only the leader does.
+    """
+    healthy = [name for name, info in world.nodes.items() if not info.degraded]
+    return min(healthy) if healthy else me
 
 
 def decide(world: World, me: Me, quiet: frozenset[str] = frozenset()) -> Plan:
@@ -241,8 +246,8 @@ def _project(cycle: _Cycle, entry: ProjectEntry, facts: list[Fact], unreadable: 
         return Outcome(entry.id, settled=frozenset(f.key for f in facts if f.kind == STARTED))
     reported = _apply_facts(entry.id, entry.status, facts, cycle.now)
     status = reported.status or entry.status
-    if cycle.leads:
-        status = _mark_lost(status, cycle.world)
+    # Any node marks a lost node's runs: recovery must not wait on one node (the push is a compare-and-swap).
+    status = _mark_lost(status, cycle.world)
     status = _mark_vanished(entry.id, status, cycle.me, cycle.now)
     if not entry.exists:
         stops = _local_stops(entry.id, cycle.me, "project deleted")

@@ -53,6 +53,9 @@ class NodeSide(Protocol):
     def cut_off(self, silent: float) -> None:
         """The heartbeat has not got through for `silent` seconds, past the lease: stop every run."""
 
+    def degraded(self) -> str | None:
+        """Why its cycles keep failing, or None while they work."""
+
 
 class Heartbeat:
     def __init__(self, name: str, mirror: Mirror, settings: Settings, fence: Fence, node: NodeSide,
@@ -149,7 +152,8 @@ class Heartbeat:
         return node_document(name=self.name, version=__version__, executor=self.executor, started=self.started,
                              tick=None, tags=list(self.tags), drain=bool(own and own.drain), capacity=self.capacity,
                              load=self._load, history=self.sampler.history(), runs=self.node.heartbeat_runs(),
-                             fenced=not self.may_claim, settings_held=self.settings.held)
+                             fenced=not self.may_claim, settings_held=self.settings.held,
+                             degraded=self.node.degraded())
 
     def beat(self, early: bool = False) -> None:
         """Push the tick (always) and the node file (when it changed, or its load is a minute old).
@@ -200,6 +204,7 @@ def node_document(
     heartbeat: str | None = None,
     fenced: bool = False,
     settings_held: str | None = None,
+    degraded: str | None = None,
 ) -> dict[str, Any]:
     """`nodes/<node>.yaml`: keys and shapes exactly as `schema/node.schema.json` allows."""
     document: dict[str, Any] = {
@@ -218,6 +223,8 @@ def node_document(
         document["fenced"] = True
     if settings_held is not None:
         document["settings_held"] = settings_held
+    if degraded is not None:
+        document["degraded"] = degraded
     document["capacity"] = {
         "cpus": capacity.get("cpus", 1),
         "memory": int(capacity.get("memory", 0)),

@@ -513,6 +513,7 @@ class NodeInfo:
     drain: bool = False
     fenced: bool = False            # its lease ran out: it stopped its runs and claims nothing until renewed
     settings_held: str | None = None  # winslow.yaml is invalid: what the node keeps instead, in words
+    degraded: str | None = None       # its cycles keep failing (why): alive, but not trusted to lead
     load: LoadSample | None = None
     history: tuple[LoadSample, ...] = field(default=(), compare=False, repr=False)
     runs: tuple[NodeRun, ...] = field(default=(), compare=False, repr=False)
@@ -539,6 +540,7 @@ class NodeInfo:
             started=data.get("started") if isinstance(data.get("started"), str) else None,
             drain=bool(data.get("drain", False)), fenced=bool(data.get("fenced", False)),
             settings_held=data["settings_held"] if isinstance(data.get("settings_held"), str) else None,
+            degraded=data["degraded"] if isinstance(data.get("degraded"), str) else None,
             load=LoadSample.from_dict(load) if isinstance(load, Mapping) else None,
             history=tuple(LoadSample.from_dict(sample) for sample in _items(data.get("history"))),
             runs=tuple(NodeRun.from_dict(r) for r in _items(data.get("runs"))),

@@ -47,6 +47,7 @@ MAX_CAS_RETRIES = 20
 LARGE_READ = 1000  # projects read at once after which the snapshot is kept out of garbage collections
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
+DEGRADED_AFTER = 3  # cycles failing in a row after which the node's heartbeat says it is degraded
 OUTAGE_MAX_WAIT_S = 30.0  # the longest pause between tries while the state repo cannot be reached
 
 
@@ -155,6 +156,8 @@ class Node:
         self._outage: set[str] = set()  # what git said (each message once) since the remote became unreachable
         self._failures = 0  # fetches or pushes in a row that could not reach the remote
         self._stop_reason = "asked to stop"
+        self._cycle_failures = 0  # cycles in a row that raised: past DEGRADED_AFTER the heartbeat says so
+        self._cycle_error: str | None = None
         self._fetched = 0.0
         self._last_housekeeping = 0.0
         self.cycles = 0
@@ -180,6 +183,19 @@ class Node:
         return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
 
     # -- what the heartbeat asks and tells ------------------------------------------------------
+    def degraded(self) -> str | None:
+        if self._cycle_failures < DEGRADED_AFTER:
+            return None
+        return f"{self._cycle_failures} cycles in a row failed: {self._cycle_error}"
+
+    def _cycle_failed(self, exc: Exception) -> None:
+        """Said with its traceback the first time, then once per different error; counted for the heartbeat."""
+        self._cycle_failures += 1
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self._cycle_error:
+            log.exception("%s: cycle failed (%s); trying again shortly", self.name, error)
+        self._cycle_error = error
+
     def heartbeat_runs(self) -> list[dict[str, Any]]:
         snapshot = self.view.last
         live_tail = self.settings.current.live_tail
@@ -287,10 +303,11 @@ class Node:
                 landed = False
             except GitError as exc:
                 return self._unreachable(exc)
-            except Exception:  # a bug must not take the node (and its running stages' reports) down
-                log.exception("cycle failed; trying again shortly")
+            except Exception as exc:  # a bug must not take the node (and its running stages' reports) down
+                self._cycle_failed(exc)
                 return 2.0
             if landed:
+                self._cycle_failures, self._cycle_error = 0, None
                 break
             # The race was lost: back off a little (a stop ends the wait), then fetch the winner's tip.
             if self.stopping.wait(random.uniform(0, 0.02 * (attempt + 1))):

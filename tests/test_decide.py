@@ -287,11 +287,11 @@ CASES = [
          state="RUNNING", claims=[claim("1-detect-2", gpus=[0])],
          runs={"1-detect-1": dict(state="LOST", reason="node gpu3 lost: no heartbeat for 30s", finished=NOW),
                "1-detect-2": dict(attempt=2, workspace="workspaces/t/1-detect-2")}),
-    Case(id="run-on-lost-node-is-left-alone-by-other-live-nodes",
+    Case(id="run-on-lost-node-is-marked-by-any-live-node-and-retried-by-the-best-fit",
          repo=base() | project(pipeline_name="tracking", request=1)
          | status(lock=TRACKING, runs=[run("1-detect-1", node="gpu3", gpus=[0])]),
          nodes=[GPU1, GPU2], me="gpu2", lost={"gpu3": "no heartbeat for 30s"},
-         state="RUNNING"),
+         state="PENDING", waiting=["t/1-detect-2"], runs={"1-detect-1": dict(state="LOST")}),
     Case(id="run-on-lost-node-without-lost-retries-fails-project",
          repo=base() | project(request=1)
          | status(runs=[run("1-a-1", "SUCCEEDED"), run("1-b-1", "SUCCEEDED"), run("1-c-1", node="gpu3")]),
@@ -738,3 +738,14 @@ def test_an_abort_with_a_reason_ends_failed_with_that_reason() -> None:
                         {"gpu1": GPU1}, NOW, resume_branches=frozenset({"resume/t/1"})), Me("gpu1"))
     assert plan.statuses["t"].state.value == "FAILED"
     assert plan.statuses["t"].message == "rejected by Ann: boxes drift"
+
+
+def test_a_node_whose_cycles_fail_does_not_lead_and_the_next_healthy_one_does() -> None:
+    from dataclasses import replace as with_
+
+    repo = base(nodes={"gpu1": {"drain": True}, "gpu2": {"drain": True}}) | REQUEST_OBSERVED
+    nodes = {"gpu1": with_(GPU1, degraded="3 cycles in a row failed: OSError"), "gpu2": GPU2}
+    second = decide(World(snapshot(repo), nodes, NOW), Me("gpu2"))
+    assert "every node that fits is draining" in (second.statuses["t"].message or "")
+    healthy = {"gpu1": GPU1, "gpu2": GPU2}
+    assert decide(World(snapshot(repo), healthy, NOW), Me("gpu2")).statuses == {}  # gpu1 leads when it works

@@ -274,3 +274,25 @@ def test_a_run_never_writes_into_files_another_run_of_the_same_name_left(tmp_pat
     (run,) = remote.status("p")["runs"]
     assert run["state"] == "FAILED" and "already holds files of an earlier run" in run["reason"]
     assert (old / "tracks.csv").read_text() == "from the deleted project\n" and len(list(old.iterdir())) == 1
+
+
+def test_a_node_whose_cycles_keep_failing_says_so_once_and_reports_itself_degraded(tmp_path: Path, caplog) -> None:
+    from reconciler.node import DEGRADED_AFTER, Node, NodeOptions
+
+    remote = StateRemote(tmp_path)
+    node = Node(NodeOptions(name="ws-1", repo=str(remote.remote), storage=tmp_path / "storage",
+                            work=tmp_path / "work", executor="process"))
+    try:
+        with caplog.at_level("INFO", logger="winslow.node"):
+            for _ in range(DEGRADED_AFTER + 5):
+                assert node.degraded() is None or node._cycle_failures >= DEGRADED_AFTER
+                try:
+                    raise OSError(40, "Too many levels of symbolic links")
+                except OSError as exc:
+                    node._cycle_failed(exc)
+        assert node.degraded() == f"{DEGRADED_AFTER + 5} cycles in a row failed: OSError: [Errno 40] Too many levels " \
+                                  f"of symbolic links"
+        assert sum("cycle failed" in r.getMessage() for r in caplog.records) == 1  # not a traceback a second
+    finally:
+        node.executor.close()
+        node.repo.close()
