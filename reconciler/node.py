@@ -303,7 +303,7 @@ class Node:
                 landed = False
             except GitError as exc:
                 return self._unreachable(exc)
-            except Exception as exc:  # a bug must not take the node (and its running stages' reports) down
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the node (and its running stages' reports) down
                 self._cycle_failed(exc)
                 return 2.0
             if landed:

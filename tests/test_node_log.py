@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tests.cluster import NodeProcess, StateRemote, wait_for
 
-PIPELINE = "name: cpu\nstages:\n  - {name: a, image: none, command: ['true']}\n  - {name: b, image: none, command: [sh, -c, 'exit 4']}\n"
+PIPELINE = ("name: cpu\nstages:\n  - {name: a, image: none, command: ['true']}\n"
+            "  - {name: b, image: none, command: [sh, -c, 'exit 4']}\n")
 
 
 def test_every_run_event_is_one_json_line_with_project_run_and_node(tmp_path: Path) -> None:
