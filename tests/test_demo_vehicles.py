@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.demo import vehicles
+from reconciler.demo import SCRIPTS, plot, vehicles
 
 SCRIPT = Path(vehicles.__file__).resolve()
 WIDTH, HEIGHT, FPS, FRAMES = 320, 180, 10, 90
@@ -65,12 +65,12 @@ def png_text(data: bytes) -> dict[str, str]:
 
 def shows_text(width: int, pixels: bytes, text: str, colour: bytes) -> bool:
     """Whether the picture shows ``text`` in the demo's font and text size, in ``colour`` on the plain background."""
-    size = vehicles.TEXT_SIZE
-    stamp = vehicles.Canvas(vehicles.text_width(text, size), vehicles.GLYPH_HEIGHT * size)
+    size = plot.TEXT_SIZE
+    stamp = plot.Canvas(plot.text_width(text, size), plot.GLYPH_HEIGHT * size)
     stamp.text(0, 0, text, colour, size)
     span = 3 * stamp.width
     stamp_rows = [bytes(stamp.pixels[r * span : (r + 1) * span]) for r in range(stamp.height)]
-    key = max(range(stamp.height), key=lambda r: sum(stamp_rows[r][i : i + 3] != vehicles.BACKGROUND for i in range(0, span, 3)))
+    key = max(range(stamp.height), key=lambda r: sum(stamp_rows[r][i : i + 3] != plot.BACKGROUND for i in range(0, span, 3)))
     line = 3 * width
     for y in range(key, len(pixels) // line - stamp.height + key + 1):
         row = pixels[y * line : (y + 1) * line]
@@ -226,7 +226,7 @@ def test_trajectories_title_names_the_video_vehicle_count_and_mean_speed(stages:
     mean = re.search(r"mean speed ([0-9.]+) km/h", title)
     assert mean and float(mean[1]) == pytest.approx(summary["mean_speed_kmh"], abs=0.06)
     width, _, pixels = png_picture(data)
-    assert shows_text(width, pixels, title, vehicles.INK)
+    assert shows_text(width, pixels, title, plot.INK)
 
 
 def test_trajectories_legend_lists_each_vehicle_with_its_id_and_mean_speed(stages: dict[str, Path]) -> None:
@@ -236,13 +236,13 @@ def test_trajectories_legend_lists_each_vehicle_with_its_id_and_mean_speed(stage
     assert len(expected) >= 7
     assert png_text(data)["Description"].splitlines() == expected
     width, _, pixels = png_picture(data)
-    assert [entry for entry in expected if not shows_text(width, pixels, entry, vehicles.INK)] == []
+    assert [entry for entry in expected if not shows_text(width, pixels, entry, plot.INK)] == []
 
 
 def test_each_track_is_tagged_with_its_vehicle_number_in_its_colour(stages: dict[str, Path]) -> None:
     width, _, pixels = png_picture((stages["analyse"] / "trajectories.png").read_bytes())
     numbers = [row["vehicle"] for row in rows(stages["analyse"] / "vehicles.csv")]
-    assert [n for i, n in enumerate(numbers) if not shows_text(width, pixels, n, vehicles.track_colour(i))] == []
+    assert [n for i, n in enumerate(numbers) if not shows_text(width, pixels, n, plot.track_colour(i))] == []
 
 
 def test_tracks_sharing_a_lane_are_drawn_side_by_side_one_solid_one_dashed() -> None:
@@ -251,7 +251,7 @@ def test_tracks_sharing_a_lane_are_drawn_side_by_side_one_solid_one_dashed() -> 
     behind = [P(f, 10.0 + 4 * f, 50.5) for f in range(30)]  # the same lane, half a pixel over
     tracks = [ahead, behind]
     stats = [vehicles.measure(i, points, 10.0, 200, 100) for i, points in enumerate(tracks, start=1)]
-    canvas = vehicles.draw_map(tracks, stats, 200, 100, None, 2)
+    canvas = plot.draw_map(tracks, stats, 200, 100, None, 2)
 
     def line_of(colour: bytes) -> tuple[int, int]:
         """The row the track's line lies on (the row with most of its colour) and the runs of colour in it."""
@@ -262,7 +262,7 @@ def test_tracks_sharing_a_lane_are_drawn_side_by_side_one_solid_one_dashed() -> 
         assert xs[-1] - xs[0] > 150  # along most of the track, not just a marker
         return row, 1 + sum(1 for a, b in zip(xs, xs[1:]) if b > a + 1)
 
-    (row_a, runs_a), (row_b, runs_b) = line_of(vehicles.track_colour(0)), line_of(vehicles.track_colour(1))
+    (row_a, runs_a), (row_b, runs_b) = line_of(plot.track_colour(0)), line_of(plot.track_colour(1))
     assert abs(row_a - row_b) >= 4  # apart, with a gap between lines two pixels thick
     assert min(runs_a, runs_b) <= 3  # solid, broken only where the number tags sit
     assert max(runs_a, runs_b) >= 10  # dashed
@@ -282,18 +282,18 @@ def test_lane_slots_give_tracks_on_one_line_the_same_way_their_own_places(lines:
     tracks = [[P(f, float(f), across) if way in ("eastbound", "westbound") else P(f, across, float(f)) for f in range(5)]
               for way, across in lines]
     stats = [vehicles.VehicleStats(i, 0, 4, 5, 0.0, 0.0, 0.0, way) for i, (way, _) in enumerate(lines, start=1)]
-    assert vehicles.lane_slots(tracks, stats) == slots
+    assert plot.lane_slots(tracks, stats) == slots
 
 
 def test_png_encoder_round_trips_pixels() -> None:
     rgb = bytes(range(18))  # 3x2 pixels
-    chunks = png_chunks(vehicles.encode_png(3, 2, rgb))
+    chunks = png_chunks(plot.encode_png(3, 2, rgb))
     raw = zlib.decompress(chunks[1][1])
     assert raw == b"\x00" + rgb[:9] + b"\x00" + rgb[9:]
 
 
 def test_bresenham_line_is_connected_from_end_to_end() -> None:
-    canvas = vehicles.Canvas(12, 6, bytes(12 * 6 * 3))
+    canvas = plot.Canvas(12, 6, bytes(12 * 6 * 3))
     canvas.line(0, 0, 9, 4, b"\xff\x00\x00")
     lit = {(i // 3 % 12, i // 3 // 12) for i in range(0, len(canvas.pixels), 3) if canvas.pixels[i]}
     assert (0, 0) in lit and (9, 4) in lit
@@ -302,7 +302,7 @@ def test_bresenham_line_is_connected_from_end_to_end() -> None:
 
 
 def test_text_is_drawn_in_the_5x7_font_magnified() -> None:
-    canvas = vehicles.Canvas(20, 20, bytes(20 * 20 * 3))
+    canvas = plot.Canvas(20, 20, bytes(20 * 20 * 3))
     end = canvas.text(1, 2, "1", b"\xff\xff\xff", 2)
     lit = {(i // 3 % 20, i // 3 // 20) for i in range(0, len(canvas.pixels), 3) if canvas.pixels[i]}
     one = {(2, row) for row in range(7)} | {(1, 1), (1, 6), (3, 6)}  # the font's "1", column by row
@@ -387,8 +387,20 @@ def test_bad_input_fails_with_one_line(tmp_path: Path, monkeypatch: pytest.Monke
     assert message in stderr
 
 
-def test_script_needs_only_the_standard_library() -> None:
-    tree = ast.parse(SCRIPT.read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+def test_scripts_need_only_the_standard_library_and_each_other() -> None:
+    siblings = {Path(name).stem for name in SCRIPTS}
+    assert SCRIPT.name in SCRIPTS
+    for name in SCRIPTS:
+        tree = ast.parse(SCRIPT.with_name(name).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"} | siblings, name
+
+
+def test_the_scripts_winslow_demo_copies_run_on_their_own(tmp_path: Path) -> None:
+    for name in SCRIPTS:  # as `winslow demo` lays them out in resources/demo/, away from this checkout
+        (tmp_path / name).write_bytes(SCRIPT.with_name(name).read_bytes())
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / SCRIPT.name), "generate", str(tmp_path / "v.y4m"),
+                           "--frames", "2", "--vehicles", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*SCRIPTS, "v.y4m", "v.y4m.truth.json"])  # no __pycache__

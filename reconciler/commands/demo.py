@@ -97,11 +97,12 @@ def prepare(root: Path) -> tuple[Path, Path, Path]:
 
 
 def make_video(storage: Path) -> dict:
-    from reconciler.demo import vehicles
+    import reconciler.demo
 
     target = storage / layout.RESOURCES / "demo"
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(vehicles.__file__, target / "vehicles.py")
+    for name in reconciler.demo.SCRIPTS:
+        shutil.copy2(Path(reconciler.demo.__file__).with_name(name), target / name)
     video = target / "traffic.y4m"
     subprocess.run([sys.executable, "-I", str(target / "vehicles.py"), "generate", str(video)], check=True,
                    stdout=subprocess.DEVNULL)
