@@ -8,10 +8,25 @@ the ends, and the cycle asks whether it may claim: one lock keeps them consisten
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 RunKey = tuple[str, str]  # (project, run id)
+FENCED = "fenced: "  # how the reason of a run ended by fencing begins
+
+
+def write_lease(path: Path, expires: float) -> None:
+    """Tell the supervisors outside the node process until when (wall clock) this node's lease holds.
+
+    Each stage's supervisor (the process executor's wrapper, the Docker watchdog) ends the
+    stage once the time in this file has passed: the node is dead or frozen and cannot fence
+    itself, and others take over only after the longer node timeout.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(f"{expires:.3f}\n")
+    os.replace(temp, path)
 
 
 class Fence:

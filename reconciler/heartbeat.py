@@ -23,12 +23,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from reconciler import __version__, layout
 from reconciler.clock import utcnow
 from reconciler.errors import GitError
-from reconciler.fencing import Fence
+from reconciler.fencing import Fence, write_lease
 from reconciler.gitsync import Mirror
 from reconciler.machine import LoadSampler, Nvml, read_capacity
 from reconciler.model import NodeInfo
@@ -59,8 +60,10 @@ class NodeSide(Protocol):
 
 class Heartbeat:
     def __init__(self, name: str, mirror: Mirror, settings: Settings, fence: Fence, node: NodeSide,
-                 executor: str, tags: Iterable[str] = (), nvml: Nvml | None = None) -> None:
+                 executor: str, tags: Iterable[str] = (), nvml: Nvml | None = None,
+                 lease_file: Path | None = None) -> None:
         self.name = name
+        self.lease_file = lease_file  # where the stages' supervisors read until when the lease holds
         self.mirror = mirror
         self.settings = settings
         self.fence = fence
@@ -93,6 +96,15 @@ class Heartbeat:
         """This node as the others see it, for this node's own decisions."""
         return NodeInfo.from_dict({"name": self.name, "capacity": self.capacity, "tags": list(self.tags),
                                    "executor": self.executor, "tick": self.tick})
+
+    def renew_lease(self, since: float) -> None:
+        """The lease holds for `lease` seconds from `since` (wall clock): tell the stages' supervisors."""
+        if self.lease_file is None:
+            return
+        try:
+            write_lease(self.lease_file, since + self.settings.current.lease)
+        except OSError as exc:
+            log.warning("%s: cannot write the lease file %s: %s", self.name, self.lease_file, exc)
 
     @property
     def may_claim(self) -> bool:
@@ -185,6 +197,7 @@ class Heartbeat:
         self._parent, self._content, self._runs = commit, content, document["runs"]
         self._beats_on_branch = 1 if parent is None else self._beats_on_branch + 1
         self._last_ok = began  # the lease counts from when the push began, not when it ended
+        self.renew_lease(time.time() - (time.monotonic() - began))
         if self.fence.renewed():
             log.info("%s: heartbeat renewed; the node takes work again", self.name)
 

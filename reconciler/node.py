@@ -24,7 +24,7 @@ from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
-from reconciler.fencing import Fence
+from reconciler.fencing import FENCED, Fence
 from reconciler.gitsync import Mirror
 from reconciler.heartbeat import Heartbeat
 from reconciler.journal import Journal
@@ -47,6 +47,7 @@ MAX_CAS_RETRIES = 20
 LARGE_READ = 1000  # projects read at once after which the snapshot is kept out of garbage collections
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
+LEASE_FILE = "lease"  # in the work folder: until when the node's lease holds, for its runs' supervisors
 DEGRADED_AFTER = 3  # cycles failing in a row after which the node's heartbeat says it is degraded
 OUTAGE_MAX_WAIT_S = 30.0  # the longest pause between tries while the state repo cannot be reached
 
@@ -87,7 +88,7 @@ def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], wor
         from reconciler.executors.docker import DockerExecutor
         return DockerExecutor(name, on_exit, cluster=cluster_id(repo))
     from reconciler.executors.process import ProcessExecutor
-    return ProcessExecutor(name, on_exit, work / "processes")
+    return ProcessExecutor(name, on_exit, work / "processes", lease_file=work / LEASE_FILE)
 
 
 def _only_starts(plan: Plan, held: set[tuple[str, str, str]]) -> bool:
@@ -140,7 +141,7 @@ class Node:
                                   "lease": options.lease, "poll": options.poll})
         self.fence = Fence()
         self.heartbeat = Heartbeat(self.name, self.repo, self.settings, self.fence, self, self.executor.name,
-                                   options.tags)
+                                   options.tags, lease_file=options.work / LEASE_FILE)
         self.hashes = HashCache(options.work / "hashes.jsonl")
         self.lister = Lister(options.work / "to-list", self._manifest, self.journal, self.wake)
         self.watcher: RemoteWatcher | None = None
@@ -171,7 +172,8 @@ class Node:
     # -- events from other threads ------------------------------------------------------------
     def _on_exit(self, info: ExitInfo) -> None:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
-        lost = self.fence.ended((info.project, info.run_id))
+        # Ended by fencing, here or by its supervisor while this node was frozen: the node's failure, not the program's.
+        lost = self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith(FENCED)
         self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
         self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
                                  lost=lost))
@@ -241,6 +243,7 @@ class Node:
         if self._storage is None:
             self._storage = LocalStorage(self._storage_from_settings())
         self.storage.prepare()
+        self.heartbeat.renew_lease(time.time())  # this node is alive now: the supervisors of its runs may go on
         self.executor.running()  # adopt the containers of an earlier life of this node
         self.lister.start()
         self.heartbeat.start()

@@ -1,6 +1,6 @@
 """Runs one stage's program for the process executor and leaves its exit code in a file.
 
-    python -I -S _wrap.py [--ready-fd N] EXIT_FILE -- PROGRAM [ARGS...]
+    python -I -S _wrap.py [--ready-fd N] [--lease-file F] EXIT_FILE -- PROGRAM [ARGS...]
 
 The process executor starts this wrapper as the leader of a new session (and so of
 a new process group) and the program as its child, in the same group. The wrapper
@@ -14,6 +14,11 @@ a new process group) and the program as its child, in the same group. The wrappe
   `subprocess` reports it) to EXIT_FILE, atomically, when the program ends; a
   reconciler that restarted meanwhile reads it from there, since it cannot wait
   for a process that is not its child;
+- supervises the stage for the node: with `--lease-file`, once the time in that file
+  (the node's lease, renewed by each heartbeat it pushes) has passed, the node is dead
+  or frozen and cannot stop its own work, so the wrapper ends the program group (TERM,
+  then KILL after a grace) and says why in EXIT_FILE.lapsed — before any other node
+  may take the run over, since the node timeout is longer than the lease;
 - then ends the same way as the program: the same exit code, or the same signal.
 
 It imports only the standard library and runs with `-I -S`, so the stage's own
@@ -26,10 +31,13 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
 
 _RELAYED = (signal.SIGTERM, signal.SIGINT)
-_USAGE = "usage: _wrap.py [--ready-fd N] EXIT_FILE -- PROGRAM [ARGS...]"
+_USAGE = "usage: _wrap.py [--ready-fd N] [--lease-file F] EXIT_FILE -- PROGRAM [ARGS...]"
+LEASE_CHECK_S = 1.0  # how often the lease file is read
+KILL_GRACE_S = 10.0  # from TERM to KILL when the lease lapsed
 
 
 class _Relay:
@@ -63,14 +71,79 @@ class _Relay:
         self.pending.clear()
 
 
-def _parse(argv: list[str]) -> tuple[int | None, str, list[str]]:
+def _parse(argv: list[str]) -> tuple[int | None, str | None, str, list[str]]:
     ready_fd: int | None = None
-    if argv[:1] == ["--ready-fd"] and len(argv) > 1:
-        ready_fd = int(argv[1])
+    lease_file: str | None = None
+    while argv[:1] in (["--ready-fd"], ["--lease-file"]) and len(argv) > 1:
+        if argv[0] == "--ready-fd":
+            ready_fd = int(argv[1])
+        else:
+            lease_file = argv[1]
         argv = argv[2:]
     if len(argv) < 3 or argv[1] != "--":
         raise SystemExit(_USAGE)
-    return ready_fd, argv[0], argv[2:]
+    return ready_fd, lease_file, argv[0], argv[2:]
+
+
+def _lapsed(lease_file: str | None) -> float | None:
+    """When the node's lease ran out, if it has; None while it holds or nothing says (no file yet)."""
+    if lease_file is None:
+        return None
+    try:
+        with open(lease_file, encoding="ascii") as handle:
+            expires = float(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+    return expires if time.time() > expires else None
+
+
+def _supervise(child: subprocess.Popen[bytes], lease_file: str | None, exit_file: str) -> int:
+    """Wait for the program; end its group when the node's lease lapses (the node dead or frozen)."""
+    while True:
+        try:
+            return child.wait(timeout=LEASE_CHECK_S if lease_file else None)
+        except subprocess.TimeoutExpired:
+            pass
+        expired = _lapsed(lease_file)
+        if expired is None:
+            continue
+        why = (f"the node's lease ran out at {time.strftime('%H:%M:%S', time.gmtime(expired))} UTC "
+               f"(the node stopped or froze); its supervisor ended the stage before another node may take it over")
+        print(f"winslow: {why}", file=sys.stderr, flush=True)
+        _write_text(exit_file + ".lapsed", why)
+        _signal_group(signal.SIGTERM)
+        try:
+            return child.wait(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(signal.SIGKILL)
+            return child.wait()
+
+
+def _signal_group(signum: int) -> None:
+    previous = signal.signal(signum, signal.SIG_IGN) if signum != signal.SIGKILL else None
+    try:
+        if signum == signal.SIGKILL:  # the wrapper is in the group too: kill the others by pid
+            for pid in _group_members():
+                os.kill(pid, signal.SIGKILL)
+        else:
+            os.killpg(os.getpgrp(), signum)
+    except OSError:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signum, previous)
+
+
+def _group_members() -> list[int]:
+    group, me, members = os.getpgrp(), os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                if os.getpgid(int(entry)) == group:
+                    members.append(int(entry))
+            except OSError:
+                continue
+    return members
 
 
 def _tell(ready_fd: int | None, message: str) -> None:
@@ -85,15 +158,19 @@ def _tell(ready_fd: int | None, message: str) -> None:
 
 
 def _write_exit_code(path: str, returncode: int) -> None:
+    _write_text(path, f"{returncode}")
+
+
+def _write_text(path: str, text: str) -> None:
     temp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(temp, "w", encoding="ascii") as out:
-            out.write(f"{returncode}\n")
+        with open(temp, "w", encoding="utf-8") as out:
+            out.write(f"{text}\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
     except OSError as exc:
-        print(f"winslow: cannot record the exit code in {path}: {exc}", file=sys.stderr)
+        print(f"winslow: cannot write {path}: {exc}", file=sys.stderr)
 
 
 def _end_like(returncode: int) -> int:
@@ -111,7 +188,7 @@ def _end_like(returncode: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ready_fd, exit_file, command = _parse(argv)
+    ready_fd, lease_file, exit_file, command = _parse(argv)
     relay = _Relay()
     relay.install()
     try:
@@ -121,7 +198,7 @@ def main(argv: list[str]) -> int:
         return 127 if isinstance(exc, FileNotFoundError) else 126
     _tell(ready_fd, f"ok {child.pid}")
     relay.release()
-    returncode = child.wait()
+    returncode = _supervise(child, lease_file, exit_file)
     _write_exit_code(exit_file, returncode)
     return _end_like(returncode)
 

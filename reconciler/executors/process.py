@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from reconciler.clock import format_time, utcnow
 from reconciler.errors import ExecutorError
 from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, expand, make_folders, stage_env
 from reconciler.executors.tracker import STOP_GRACE_S, WAKE_S, Ended, Found, RunTracker, already_running
+from reconciler.fencing import FENCED
 
 __all__ = ["POLL_S", "READY_TIMEOUT_S", "STOP_GRACE_S", "UNKNOWN_EXIT", "ProcessEngine", "ProcessExecutor"]
 
@@ -78,9 +79,10 @@ class ProcessEngine:
     name = "process"
     images = False
 
-    def __init__(self, node: str, state_dir: Path) -> None:
+    def __init__(self, node: str, state_dir: Path, lease_file: Path | None = None) -> None:
         self.node = node
         self._state_dir = Path(state_dir)
+        self._lease_file = lease_file  # each wrapper ends its stage once the node's lease in it has passed
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Nothing to prepare: a process starts in a few milliseconds."""
@@ -104,7 +106,9 @@ class ProcessEngine:
         returncode = _read_exit_code(run.exit_file)  # the program's own, where the wrapper could leave it
         if returncode is None and run.popen is not None:
             returncode = run.popen.returncode
-        return _ended(returncode, finished)
+        ended = _ended(returncode, finished)
+        lapsed = _read_text(_lapsed_file(run.exit_file))
+        return replace(ended, reason=f"{FENCED}{lapsed}") if lapsed else ended
 
     def stop(self, run: _Process, grace: float) -> None:
         """TERM through the wrapper, which relays it to the group once; KILL the group after the grace."""
@@ -145,7 +149,7 @@ class ProcessEngine:
         return Found(run, data.get("started"), "running", None if timeout is None else float(timeout), elapsed)
 
     def release(self, run: _Process) -> None:
-        _remove(run.record, run.exit_file)
+        _remove(run.record, run.exit_file, _lapsed_file(run.exit_file))
 
     def interrupt(self, run: _Process) -> None:
         """Nothing to do: a wait looks at `closing` at least every WAKE_S."""
@@ -162,6 +166,7 @@ class ProcessEngine:
         exit_file = record.with_name(f"{spec.run_id}.exit")
         make_folders(spec, self.node, record.parent)
         try:
+            _lapsed_file(exit_file).unlink(missing_ok=True)
             exit_file.unlink(missing_ok=True)  # an earlier attempt's exit code must not pass for this one's
         except OSError as exc:
             raise ExecutorError(f"cannot remove {exit_file} on {self.node}: {exc}") from exc
@@ -205,7 +210,8 @@ class ProcessEngine:
 
     def _popen(self, spec: LaunchSpec, command: list[str], env: dict[str, str], workspace: Path,
                log_path: Path, exit_file: Path, ready_fd: int) -> subprocess.Popen[bytes]:
-        wrapper = [sys.executable, "-I", "-S", str(_WRAPPER), "--ready-fd", str(ready_fd), str(exit_file), "--"]
+        lease = ["--lease-file", str(self._lease_file)] if self._lease_file is not None else []
+        wrapper = [sys.executable, "-I", "-S", str(_WRAPPER), "--ready-fd", str(ready_fd), *lease, str(exit_file), "--"]
         try:
             with open(log_path, "ab") as out:
                 # The log's handle goes to the process: output keeps flowing without the reconciler.
@@ -239,7 +245,7 @@ class ProcessEngine:
         except subprocess.TimeoutExpired:
             log.warning("wrapper did not end after SIGKILL: node=%s project=%s run=%s %s",
                         self.node, run.project, run.run_id, run)
-        _remove(run.record, run.exit_file)
+        _remove(run.record, run.exit_file, _lapsed_file(run.exit_file))
 
     def _record_path(self, project: str, run_id: str) -> Path:
         for part in (project, run_id):
@@ -251,8 +257,8 @@ class ProcessEngine:
 class ProcessExecutor(RunTracker[_Process]):
     """The Executor of a node whose stages run as its own processes."""
 
-    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path) -> None:
-        super().__init__(node, on_exit, ProcessEngine(node, state_dir))
+    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path, lease_file: Path | None = None) -> None:
+        super().__init__(node, on_exit, ProcessEngine(node, state_dir, lease_file))
 
 
 def _await_end(run: _Process, closing: threading.Event) -> bool:
@@ -280,6 +286,18 @@ def _pidfd(pid: int) -> int | None:
     try:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):  # not Linux 5.3+, not allowed, or the process is gone already
+        return None
+
+
+def _lapsed_file(exit_file: Path) -> Path:
+    """Where the wrapper says why it ended the stage itself: the node's lease lapsed."""
+    return exit_file.with_name(exit_file.name + ".lapsed")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError:
         return None
 
 
