@@ -15,6 +15,7 @@ from pathlib import Path
 
 RunKey = tuple[str, str]  # (project, run id)
 FENCED = "fenced: "  # how the reason of a run ended by fencing begins
+LEASE_FILE = "lease"  # in a node's work folder: until when its lease holds, for its runs' supervisors
 
 
 def write_lease(path: Path, expires: float) -> None:

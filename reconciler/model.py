@@ -388,8 +388,8 @@ class NodeSettings:
 @dataclass(frozen=True)
 class ClusterConfig:
     heartbeat: float = 5.0
-    node_timeout: float = 30.0
-    lease: float = 20.0
+    node_timeout: float = 240.0  # long enough to ride out a git outage of minutes: see winslow.yaml
+    lease: float = 180.0
     grace: float = 3.0
     poll: float = 2.0
     cleanup: float = 3600.0

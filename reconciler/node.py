@@ -24,7 +24,7 @@ from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
-from reconciler.fencing import FENCED, Fence
+from reconciler.fencing import FENCED, LEASE_FILE, Fence
 from reconciler.gitsync import Mirror
 from reconciler.heartbeat import Heartbeat
 from reconciler.journal import Journal
@@ -47,7 +47,6 @@ MAX_CAS_RETRIES = 20
 LARGE_READ = 1000  # projects read at once after which the snapshot is kept out of garbage collections
 LISTING_GRACE_S = 0.1  # how long an exit waits for its manifest before it is committed without it
 LAUNCHERS = 8  # container starts at once: each waits on the engine, not on this process
-LEASE_FILE = "lease"  # in the work folder: until when the node's lease holds, for its runs' supervisors
 DEGRADED_AFTER = 3  # cycles failing in a row after which the node's heartbeat says it is degraded
 OUTAGE_MAX_WAIT_S = 30.0  # the longest pause between tries while the state repo cannot be reached
 
@@ -86,7 +85,7 @@ class NodeOptions:
 def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path, repo: str) -> Executor:
     if kind == "docker":
         from reconciler.executors.docker import DockerExecutor
-        return DockerExecutor(name, on_exit, cluster=cluster_id(repo))
+        return DockerExecutor(name, on_exit, cluster=cluster_id(repo), work=work)
     from reconciler.executors.process import ProcessExecutor
     return ProcessExecutor(name, on_exit, work / "processes", lease_file=work / LEASE_FILE)
 

@@ -62,6 +62,11 @@ def read_config(doc: Document) -> tuple[ClusterConfig | None, list[Problem]]:
     problems += _units(doc, data.get("timeouts", {}), ("timeouts",), (),
                        ("heartbeat", "node", "lease", "grace", "poll", "cleanup"))
     problems += _units(doc, data.get("logs", {}), ("logs",), ("head", "tail", "live_tail"), ())
+    timeouts = data.get("timeouts", {})
+    if not problems and isinstance(timeouts, dict) and "lease" in timeouts and "node" in timeouts \
+            and parse_duration(timeouts["lease"]) >= parse_duration(timeouts["node"]):
+        problems.append(doc.problem(("timeouts", "lease"), "timeouts.lease must be shorter than timeouts.node: a "
+                                                           "cut-off node must stop its stages before others take over"))
     root = data.get("storage", {}).get("root")
     if root is not None and not root.startswith("/"):
         problems.append(doc.problem(("storage", "root"), f"storage root '{shorten(root)}' must be an absolute path"))

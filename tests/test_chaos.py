@@ -80,3 +80,44 @@ def test_a_node_killed_or_frozen_never_leaves_two_copies_of_its_stage(tmp_path: 
           f"new attempt {takeover:.1f}s after it")
     runs = remote.status("p")["runs"]
     assert runs[0]["state"] == "LOST" and runs[0]["node"] == victim, runs[0]
+
+
+DOCKER_STAGE = ("name: long\nstages:\n  - name: work\n    image: {image}\n    lost_retries: 3\n"
+                "    command: [sh, -c, 'i=0; while [ $i -lt 150 ]; do cut -d\" \" -f1 /proc/uptime"
+                " >> \"$WINSLOW_WORKSPACE/marks\"; i=$((i+1)); sleep 0.2; done']\n")
+
+
+def uptime_spans(storage: Path) -> dict[str, tuple[float, float]]:
+    """Each attempt's first and last mark, on the kernel's uptime clock (the same inside every container)."""
+    found = {}
+    for marks in sorted((storage / "workspaces" / "p").glob("*/marks")):
+        times = [float(line) for line in marks.read_text().split()]
+        if times:
+            found[marks.parent.name] = (min(times), max(times))
+    return found
+
+
+def test_a_killed_docker_node_leaves_no_container_beside_the_retry(tmp_path: Path, busybox_image: str) -> None:
+    """The watchdog outside the node process stops the killed node's container before the retry starts."""
+    remote = StateRemote(tmp_path)
+    storage = tmp_path / "storage"
+    remote.write({"pipelines/long.yaml": DOCKER_STAGE.format(image=busybox_image),
+                  "projects/p/project.yaml": "pipeline: long\nrun: {request: 1}\n"}, "p")
+    nodes = {name: NodeProcess(name, remote.remote, storage, tmp_path / "work" / name, executor="docker")
+             for name in ("n1", "n2")}
+    try:
+        victim = wait_for(lambda: holder(remote), 60, "the stage to start on a node")
+        assert isinstance(victim, str)
+        wait_for(lambda: sum(len(s) for s in [uptime_spans(storage)]) >= 1, 20, "the stage's first marks")
+        nodes[victim].signal(signal.SIGKILL)
+        other = next(name for name in nodes if name != victim)
+        wait_for(lambda: holder(remote) == other, 60, "the other node to take the stage over")
+        wait_for(lambda: len(uptime_spans(storage)) >= 2, 30, "the new attempt's first mark")
+        time.sleep(1.5)
+    finally:
+        for node in nodes.values():
+            node.stop()  # the survivor's container keeps running; its watchdog stops it once the lease lapses
+    found = uptime_spans(storage)
+    first, second = sorted(found.items(), key=lambda item: item[1][0])[:2]
+    assert first[1][1] < second[1][0], f"two copies alive at once: {found}"
+    assert "stopped" in (tmp_path / "work" / victim / "watchdog.log").read_text()

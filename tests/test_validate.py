@@ -351,3 +351,10 @@ def test_stage_inputs_must_stay_in_the_pool_and_have_their_variables_set(tmp_pat
     assert any(line.startswith("projects/escapes/project.yaml:") and "leaves the resource pool" in line
                for line in lines), lines
     assert not any(line.startswith("projects/good/") for line in lines), lines
+
+
+def test_a_lease_not_shorter_than_the_node_timeout_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "winslow.yaml").write_text("version: 1\ntimeouts:\n  node: 60s\n  lease: 2m\n")
+    out = winslow("validate", str(tmp_path))
+    assert out.returncode == 1
+    assert "winslow.yaml:4:3: timeouts.lease must be shorter than timeouts.node" in out.stdout.replace(f"{tmp_path}/", "")

@@ -31,8 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--secrets", type=Path, help="folder with one file per secret (name = file name)")
     parser.add_argument("--tag", action="append", default=[], help="node tag matched by stages' node_tags (repeatable)")
     parser.add_argument("--heartbeat", help="heartbeat interval (default from winslow.yaml, else 5s)")
-    parser.add_argument("--node-timeout", help="a silent node is lost after this (default 30s)")
-    parser.add_argument("--lease", help="stop own containers when no heartbeat could be pushed for this (default 20s)")
+    parser.add_argument("--node-timeout", help="a silent node is lost after this (default from winslow.yaml, else 4m)")
+    parser.add_argument("--lease", help="stop own stages when no heartbeat could be pushed for this "
+                                        "(default from winslow.yaml, else 3m)")
     parser.add_argument("--poll", help="poll interval for remotes that cannot be watched (default 2s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text for people (default), or one JSON object per line for log shippers")

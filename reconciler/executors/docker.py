@@ -15,7 +15,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import requests
 
 from reconciler.clock import format_time, parse_time, utcnow
 from reconciler.errors import ExecutorError
+from reconciler.executors import watchdog
 from reconciler.executors.base import (
     LABEL_CLUSTER,
     LABEL_NODE,
@@ -85,9 +86,10 @@ class DockerEngine:
     name = "docker"
     images = True
 
-    def __init__(self, node: str, client: Any = None, cluster: str = "") -> None:
+    def __init__(self, node: str, client: Any = None, cluster: str = "", work: Path | None = None) -> None:
         self.node = node
         self.cluster = cluster
+        self.work = work  # where the node's lease file is; its watchdog stops the containers once it lapses
         try:
             self._client: Any = client if client is not None else docker.from_env(max_pool_size=64)
         except docker.errors.DockerException as exc:
@@ -124,7 +126,9 @@ class DockerEngine:
             return Ended(None, utcnow(), "the container disappeared (removed outside Winslow)")
         except _ENGINE_ERRORS as exc:
             return Ended(None, utcnow(), f"lost track of the container: {_explain(exc)}")
-        return _ended(run)
+        ended = _ended(run)
+        why = watchdog.note(self.work, run.container.name) if self.work is not None else None
+        return replace(ended, reason=why) if why else ended
 
     def stop(self, run: _Container, grace: float) -> None:
         try:
@@ -289,8 +293,11 @@ class DockerEngine:
 class DockerExecutor(RunTracker[_Container]):
     """The Executor of a node whose stages run as Docker containers."""
 
-    def __init__(self, node: str, on_exit: ExitCallback, client: Any = None, cluster: str = "") -> None:
-        super().__init__(node, on_exit, DockerEngine(node, client, cluster))
+    def __init__(self, node: str, on_exit: ExitCallback, client: Any = None, cluster: str = "",
+                 work: Path | None = None) -> None:
+        super().__init__(node, on_exit, DockerEngine(node, client, cluster, work))
+        if work is not None:
+            watchdog.ensure(node, cluster, work)
 
 
 def _await_exit(container: Any, closing: threading.Event) -> bool:
