@@ -205,6 +205,31 @@ def test_stop_reaches_every_process_of_the_stage(executor, exits, make_spec):
     wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=10)
 
 
+def test_what_a_stage_leaves_running_in_the_background_ends_with_it(executor, exits, make_spec):
+    spec = make_spec("sh", "-c", 'sleep 77 & echo $! > child.pid')  # the stage itself ends at once
+    executor.start(spec)
+    assert exits.next(timeout=10).exit_code == 0
+    child = int((spec.workspace_dir / "child.pid").read_text())
+    wait_until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+               timeout=10)
+
+
+def test_a_stage_ended_by_its_supervisor_when_the_lease_lapses_says_so(make_spec, state_dir, tmp_path):
+    from reconciler.executors.process import ProcessExecutor
+    from reconciler.fencing import FENCED, write_lease
+
+    lease = tmp_path / "lease"
+    write_lease(lease, time.time() + 1.5)  # a node that then stops renewing it (killed or frozen)
+    ended = Exits()
+    executor = ProcessExecutor("n1", ended, state_dir, lease_file=lease)
+    try:
+        executor.start(make_spec("sleep", "60"))
+        info = ended.next(timeout=20)
+        assert info.reason is not None and info.reason.startswith(FENCED) and "lease" in info.reason
+    finally:
+        executor.close()
+
+
 def test_a_stage_that_ignores_term_is_killed_after_the_grace(executor, exits, make_spec):
     spec = make_spec("sh", "-c", 'trap "" TERM; echo ready; sleep 60')
     executor.start(spec)

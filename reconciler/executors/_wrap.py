@@ -19,6 +19,7 @@ a new process group) and the program as its child, in the same group. The wrappe
   or frozen and cannot stop its own work, so the wrapper ends the program group (TERM,
   then KILL after a grace) and says why in EXIT_FILE.lapsed — before any other node
   may take the run over, since the node timeout is longer than the lease;
+- ends whatever the program left running in its group when it ends (TERM, then KILL);
 - then ends the same way as the program: the same exit code, or the same signal.
 
 It imports only the standard library and runs with `-I -S`, so the stage's own
@@ -38,6 +39,7 @@ _RELAYED = (signal.SIGTERM, signal.SIGINT)
 _USAGE = "usage: _wrap.py [--ready-fd N] [--lease-file F] EXIT_FILE -- PROGRAM [ARGS...]"
 LEASE_CHECK_S = 1.0  # how often the lease file is read
 KILL_GRACE_S = 10.0  # from TERM to KILL when the lease lapsed
+LEFTOVER_GRACE_S = 2.0  # from TERM to KILL for what a stage left running when it ended
 
 
 class _Relay:
@@ -134,15 +136,30 @@ def _signal_group(signum: int) -> None:
             signal.signal(signum, previous)
 
 
+def _end_leftovers() -> None:
+    """The stage is over: whatever it left running in its group (`sleep 77 &`) ends with it."""
+    if not _group_members():
+        return
+    _signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while _group_members() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _signal_group(signal.SIGKILL)
+
+
 def _group_members() -> list[int]:
+    """The live processes of the wrapper's group but itself (zombies, already ended, are left out)."""
     group, me, members = os.getpgrp(), os.getpid(), []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                if os.getpgid(int(entry)) == group:
-                    members.append(int(entry))
-            except OSError:
-                continue
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != b"Z" and int(fields[2]) == group:  # state, then ppid, then pgrp
+            members.append(int(entry))
     return members
 
 
@@ -199,6 +216,7 @@ def main(argv: list[str]) -> int:
     _tell(ready_fd, f"ok {child.pid}")
     relay.release()
     returncode = _supervise(child, lease_file, exit_file)
+    _end_leftovers()
     _write_exit_code(exit_file, returncode)
     return _end_like(returncode)
 
