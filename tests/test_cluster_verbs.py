@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -68,3 +70,40 @@ def test_a_drained_node_finishes_its_stage_claims_nothing_new_and_shows_drained_
         wait_for(lambda: remote.status("q").get("runs"), 30, "q to be claimed once undrained")
     finally:
         node.stop()
+
+
+def test_a_verb_rides_out_a_busy_main_with_backoff(tmp_path: Path) -> None:
+    """Others push many times a second while the verb runs: it retries with jittered backoff until it lands."""
+    import threading
+
+    from reconciler.commands.clone import retries
+
+    started = time.monotonic()
+    assert len(list(retries(for_s=1.0))) >= 3 and time.monotonic() - started < 1.5  # bounded by time, not count
+
+    remote = StateRemote(tmp_path)
+    busy = tmp_path / "busy"
+    git(tmp_path, "clone", "-q", str(remote.remote), str(busy))
+    stop = threading.Event()
+
+    def churn() -> None:
+        for i in range(400):  # bounded: at most 400 commits
+            if stop.is_set():
+                return
+            (busy / "notes.txt").write_text(f"{i}\n")
+            git(busy, "add", "notes.txt")
+            git(busy, "commit", "-qm", f"note {i}")
+            subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=busy, capture_output=True, timeout=30)
+            subprocess.run(["git", "pull", "-q", "--rebase", "origin", "main"], cwd=busy, capture_output=True,
+                           timeout=30)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        outs = [winslow(remote.clone, verb, "ws-1") for verb in ("drain", "undrain", "drain")]
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert all(out.returncode == 0 for out in outs), [out.stderr for out in outs]
+    assert settings(remote) == {"ws-1": {"drain": True}}

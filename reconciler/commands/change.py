@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler import layout
-from reconciler.commands.clone import MAIN, TRIES, Clone, local_projects, no_project, pull, require_main
+from reconciler.commands.clone import MAIN, Clone, kept_moving, local_projects, no_project, pull, require_main, retries
 from reconciler.edit import remove_fields, set_env, set_fields
 from reconciler.errors import ConfigError, GitError, InvalidFile, Problem, PushRejected
 from reconciler.gitcmd import push
@@ -145,7 +145,9 @@ def commit_edit(clone: Clone, paths: Sequence[str], plan: EditPlan) -> Edit | No
     require_main(clone)
     if clone.git("status", "--porcelain", "--", *paths).strip():
         raise ConfigError(f"{', '.join(paths)} has uncommitted changes; commit or stash them first")
-    for _ in range(TRIES):
+    tried = 0
+    for _ in retries():
+        tried += 1
         pull(clone)
         edit = plan(clone.root)
         if isinstance(edit, str):
@@ -168,7 +170,7 @@ def commit_edit(clone: Clone, paths: Sequence[str], plan: EditPlan) -> Edit | No
         for note in edit.notes:
             print(note)
         return edit
-    raise GitError(f"origin/{MAIN} kept moving: {TRIES} pushes were rejected; try again")
+    raise GitError(kept_moving(tried))
 
 
 def _commit(clone: Clone, edit: Edit) -> None:

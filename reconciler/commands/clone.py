@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import random
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,26 @@ from reconciler.layout import MAIN, PROJECT_FILE, PROJECTS, project_file
 from reconciler.repoview import RepoView
 from reconciler.validation import is_safe_id
 
-TRIES = 5      # pushes before giving up while origin/main keeps moving
+RETRY_FOR_S = 60.0  # how long a verb keeps trying while origin/main keeps moving under it
+
+
+def retries(for_s: float = RETRY_FOR_S) -> Iterator[int]:
+    """Attempts for a push that may lose the race to others: the first at once, then after a growing,
+    jittered pause (0.1 s doubling to 2 s, like a node's), for a bounded time rather than a count."""
+    deadline = time.monotonic() + for_s
+    attempt = 0
+    while True:
+        yield attempt
+        attempt += 1
+        pause = random.uniform(0.5, 1.0) * min(2.0, 0.1 * 2 ** attempt)
+        if time.monotonic() + pause > deadline:
+            return
+        time.sleep(pause)
+
+
+def kept_moving(attempts: int) -> str:
+    return (f"origin/{MAIN} kept moving: {attempts} pushes in {RETRY_FOR_S:.0f}s were rejected because others "
+            f"pushed first; try again in a moment")
 
 
 def add_verb(sub: argparse._SubParsersAction, name: str, help: str, description: str,

@@ -18,15 +18,16 @@ from reconciler import layout
 from reconciler.commands.change import Change, Edit, check_project, check_stage, commit_change, commit_edit
 from reconciler.commands.clone import (
     MAIN,
-    TRIES,
     Clone,
     add_verb,
     check_name,
+    kept_moving,
     local_projects,
     no_project,
     open_clone,
     pull,
     require_main,
+    retries,
 )
 from reconciler.edit import set_fields
 from reconciler.errors import ConfigError, GitError, PushRejected
@@ -208,7 +209,9 @@ def run_approve(args: argparse.Namespace) -> int:
     check_name(project)
     clone = open_clone(args.repo_dir)
     require_main(clone)
-    for _ in range(TRIES):
+    tried = 0
+    for _ in retries():
+        tried += 1
         pull(clone)
         if not (clone.root / layout.project_file(project)).is_file():
             raise no_project(project, local_projects(clone.root))
@@ -243,4 +246,4 @@ def run_approve(args: argparse.Namespace) -> int:
         sha = clone.git("rev-parse", "--short", "HEAD").strip()
         print(f"approved {project}: merged {branch} into {MAIN} ({sha}) and deleted it on origin")
         return 0
-    raise GitError(f"origin/{MAIN} kept moving: {TRIES} pushes were rejected; try again")
+    raise GitError(kept_moving(tried))
