@@ -57,6 +57,9 @@ class NodeSide(Protocol):
     def degraded(self) -> str | None:
         """Why its cycles keep failing, or None while they work."""
 
+    def gpus_vanished(self, gpus: list[int]) -> None:
+        """These GPUs are gone from the node: the runs on them cannot go on."""
+
 
 class Heartbeat:
     def __init__(self, name: str, mirror: Mirror, settings: Settings, fence: Fence, node: NodeSide,
@@ -71,6 +74,7 @@ class Heartbeat:
         self.executor = executor
         self.flag_tags = tuple(tags)
         nvml = nvml if nvml is not None else Nvml()
+        self.nvml = nvml
         self.capacity = read_capacity(nvml)
         self.sampler = LoadSampler(settings.current.heartbeat, nvml=nvml)
         self.started = utcnow()
@@ -96,6 +100,21 @@ class Heartbeat:
         """This node as the others see it, for this node's own decisions."""
         return NodeInfo.from_dict({"name": self.name, "capacity": self.capacity, "tags": list(self.tags),
                                    "executor": self.executor, "tick": self.tick})
+
+    def _detect_gpus(self) -> None:
+        """GPUs are looked for at every regular beat: one that appears (a driver installed later) or vanishes
+        (fell off the bus, an NVML error) changes the capacity this beat carries; runs on a vanished one end."""
+        capacity = read_capacity(self.nvml)
+        if capacity["gpus"] == self.capacity["gpus"]:
+            return
+        before = {g.get("uuid") or g["index"]: g["index"] for g in self.capacity["gpus"]}
+        now = {g.get("uuid") or g["index"] for g in capacity["gpus"]}
+        gone = sorted(index for key, index in before.items() if key not in now)
+        log.warning("%s: GPUs changed: %d before, %d now%s", self.name, len(before), len(capacity["gpus"]),
+                    f"; GPU {', '.join(map(str, gone))} vanished" if gone else "")
+        self.capacity = capacity
+        if gone:
+            self.node.gpus_vanished(gone)
 
     def renew_lease(self, since: float) -> None:
         """The lease holds for `lease` seconds from `since` (wall clock): tell the stages' supervisors."""
@@ -174,6 +193,8 @@ class Heartbeat:
         """
         self.tick += 1
         self._last_beat = time.monotonic()
+        if not early:
+            self._detect_gpus()
         began = time.monotonic()
         self._beats_since_sample += 0 if early else 1
         if self._beats_since_sample >= LOAD_EVERY:

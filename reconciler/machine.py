@@ -24,6 +24,7 @@ from reconciler.clock import utcnow
 log = logging.getLogger(__name__)
 
 HISTORY_WINDOW_S = 300.0
+RETRY_INIT_S = 60.0  # how often a node without NVML looks for it again (a driver installed later)
 _LOOPBACK_PREFIX = "lo"
 
 
@@ -37,11 +38,14 @@ class Nvml:
     def __init__(self, lib: Any = None) -> None:
         self._lib = lib
         self._ready: bool | None = None  # None: not tried yet
+        self._tried = 0.0  # when initialising last failed: a driver installed later is found on a retry
+        self._said = False
 
     @property
     def available(self) -> bool:
-        if self._ready is None:
+        if self._ready is None or (not self._ready and time.monotonic() - self._tried >= RETRY_INIT_S):
             self._ready = self._init()
+            self._tried = time.monotonic()
         return self._ready
 
     def _init(self) -> bool:
@@ -49,15 +53,22 @@ class Nvml:
             try:
                 import pynvml
             except ImportError:
-                log.info("no GPUs: the pynvml package (nvidia-ml-py) is not installed")
+                self._say("no GPUs: the pynvml package (nvidia-ml-py) is not installed")
                 return False
             self._lib = pynvml
         try:
             self._lib.nvmlInit()
         except Exception as exc:  # noqa: BLE001 - NVMLError and its many kinds: no driver, no library
-            log.info("no GPUs: NVML is not available (%s)", exc)
+            self._say(f"no GPUs: NVML is not available ({exc})")
             return False
+        if self._said:
+            log.info("NVML is available now: its GPUs count from the next heartbeat")
         return True
+
+    def _say(self, message: str) -> None:
+        if not self._said:
+            log.info(message)
+        self._said = True
 
     def _handles(self) -> list[tuple[int, Any]]:
         if not self.available:

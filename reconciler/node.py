@@ -156,6 +156,7 @@ class Node:
         self._outage: set[str] = set()  # what git said (each message once) since the remote became unreachable
         self._failures = 0  # fetches or pushes in a row that could not reach the remote
         self._stop_reason = "asked to stop"
+        self._machine_failures: dict[tuple[str, str], str] = {}  # runs stopped because the machine failed them
         self._cycle_failures = 0  # cycles in a row that raised: past DEGRADED_AFTER the heartbeat says so
         self._cycle_error: str | None = None
         self._fetched = 0.0
@@ -172,7 +173,8 @@ class Node:
     def _on_exit(self, info: ExitInfo) -> None:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
         # Ended by fencing, here or by its supervisor while this node was frozen: the node's failure, not the program's.
-        lost = self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith(FENCED)
+        lost = (self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith(FENCED)
+                or self._machine_failures.pop((info.project, info.run_id), None) is not None)
         self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
         self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
                                  lost=lost))
@@ -184,6 +186,24 @@ class Node:
         return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
 
     # -- what the heartbeat asks and tells ------------------------------------------------------
+    def gpus_vanished(self, gpus: list[int]) -> None:
+        """Stop the runs on GPUs that vanished; they end LOST (the machine's failure) and are placed again."""
+        snapshot = self.view.last
+        for running in self.executor.running():
+            entry = snapshot.projects.get(running.project) if snapshot else None
+            run = entry.status.run(running.run_id) if entry else None
+            lost = sorted(set(run.gpus) & set(gpus)) if run else []
+            if not lost:
+                continue
+            reason = f"GPU {', '.join(map(str, lost))} of {self.name} vanished (NVML no longer reports it)"
+            self._machine_failures[(running.project, running.run_id)] = reason
+            log.warning("%s/%s on %s: stopping: %s", running.project, running.run_id, self.name, reason,
+                        extra=_fields(running.project, running.run_id, self.name, "gpu vanished"))
+            try:
+                self.executor.stop(running.project, running.run_id, reason)
+            except Exception:  # noqa: BLE001 - one run that cannot be stopped does not keep the others going
+                log.exception("%s/%s: could not stop", running.project, running.run_id)
+
     def degraded(self) -> str | None:
         if self._cycle_failures < DEGRADED_AFTER:
             return None

@@ -87,7 +87,7 @@ class NodeProcess:
     """`python -m reconciler node ...` in its own process; stopped by PID in `stop()`."""
 
     def __init__(self, name: str, remote: Path, storage: Path, work: Path, executor: str = "process",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log_path = work.parent / f"{name}.log"
         work.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ class NodeProcess:
         args = [sys.executable, "-m", "reconciler", "node", "--repo", str(remote), "--storage", str(storage),
                 "--name", name, "--executor", executor, "--work", str(work), "--heartbeat", "1s",
                 "--node-timeout", "6s", "--lease", "4s", "--poll", "1s", *extra]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=GIT_ENV)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env={**GIT_ENV, **(env or {})})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
