@@ -121,3 +121,28 @@ def test_a_killed_docker_node_leaves_no_container_beside_the_retry(tmp_path: Pat
     first, second = sorted(found.items(), key=lambda item: item[1][0])[:2]
     assert first[1][1] < second[1][0], f"two copies alive at once: {found}"
     assert "stopped" in (tmp_path / "work" / victim / "watchdog.log").read_text()
+
+
+def test_a_short_freeze_of_the_node_kills_nothing(tmp_path: Path) -> None:
+    """A node frozen for less than its lease: its stage runs on, nobody takes it over, one attempt in all."""
+    remote = StateRemote(tmp_path)
+    marks = tmp_path / "marks.txt"
+    marks.touch()
+    remote.write({"pipelines/long.yaml": STAGE.replace("-lt 150", "-lt 40"),
+                  "projects/p/project.yaml": f"pipeline: long\nenv: {{MARKS: {marks}}}\nrun: {{request: 1}}\n"}, "p")
+    nodes = {name: NodeProcess(name, remote.remote, tmp_path / "storage", tmp_path / "work" / name)
+             for name in ("n1", "n2")}
+    try:
+        victim = wait_for(lambda: holder(remote), 30, "the stage to start on a node")
+        assert isinstance(victim, str)
+        nodes[victim].signal(signal.SIGSTOP)
+        time.sleep(2.5)  # shorter than the lease (4 s) and the node timeout (6 s)
+        nodes[victim].signal(signal.SIGCONT)
+        wait_for(lambda: remote.status("p").get("state") == "SUCCEEDED", 40, "the stage to finish where it ran")
+    finally:
+        for node in nodes.values():
+            node.signal(signal.SIGCONT)
+            node.stop()
+    runs = remote.status("p")["runs"]
+    assert [(r["id"], r["state"], r["node"]) for r in runs] == [("1-work-1", "SUCCEEDED", victim)]
+    assert list(spans(marks)) == ["1-work-1"]
