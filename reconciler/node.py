@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,7 @@ class Node:
     def _on_exit(self, info: ExitInfo) -> None:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
         # Ended by fencing, here or by its supervisor while this node was frozen: the node's failure, not the program's.
+        info = replace(info, reason=self._masked(info.reason)) if info.reason else info
         lost = (self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith(FENCED)
                 or self._machine_failures.pop((info.project, info.run_id), None) is not None)
         self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
@@ -186,6 +187,10 @@ class Node:
         return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
 
     # -- what the heartbeat asks and tells ------------------------------------------------------
+    def _masked(self, text: str) -> str:
+        """Text that leaves the node (reasons, commit messages), with every secret's value masked."""
+        return self.secrets.mask(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+
     def gpus_vanished(self, gpus: list[int]) -> None:
         """Stop the runs on GPUs that vanished; they end LOST (the machine's failure) and are placed again."""
         snapshot = self.view.last
@@ -207,7 +212,7 @@ class Node:
     def degraded(self) -> str | None:
         if self._cycle_failures < DEGRADED_AFTER:
             return None
-        return f"{self._cycle_failures} cycles in a row failed: {self._cycle_error}"
+        return self._masked(f"{self._cycle_failures} cycles in a row failed: {self._cycle_error}")
 
     def _cycle_failed(self, exc: Exception) -> None:
         """Said with its traceback the first time, then once per different error; counted for the heartbeat."""
@@ -483,7 +488,7 @@ class Node:
         launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
             commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask),
-                                      message(plan, self.name))
+                                      self._masked(message(plan, self.name)))
             clock.lap("commit")
             # Containers are created while the claim travels; none starts before the push lands.
             preparing = threading.Thread(target=self._prepare, args=(launches,), name="prepare", daemon=True)
@@ -600,6 +605,7 @@ class Node:
             started = self.executor.start(spec)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the run did not start: say so, do not lose the claim
             reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
+            reason = self._masked(reason)
             log.warning("%s/%s on %s: could not start: %s", claim.project, run.id, self.name, reason,
                         extra=_fields(claim.project, run.id, self.name, "not started"))
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))

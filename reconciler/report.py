@@ -29,11 +29,13 @@ def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
 
 def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None,
             mask: Callable[[bytes], bytes] = lambda data: data) -> dict[str, bytes | None]:
+    """The files of one commit. Everything goes through `mask`: a secret's value never reaches main, whether in
+    a log, a reason, a message or an event (the node masks reasons where they arise; this is the last guard)."""
     files: dict[str, bytes | None] = {}
     for project, status in plan.statuses.items():
-        files[layout.status_file(project)] = status_file(status)
+        files[layout.status_file(project)] = mask(status_file(status))
     for project, (request, pipeline) in plan.locks.items():
-        files[layout.lock_file(project)] = lock_file(request, pipeline, commit)
+        files[layout.lock_file(project)] = mask(lock_file(request, pipeline, commit))
     for project, run, fact in plan.finished:
         if fact.kind == EXITED:
             files[layout.log_file(project, run.id)] = mask(capped_log(storage.log_path(project, run.id),
@@ -41,8 +43,8 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}
-            files[layout.result_file(project, run.id)] = (schema_line("result", layout.result_file(project, run.id))
-                                                          + GENERATED + dump_yaml(manifest)).encode()
+            files[layout.result_file(project, run.id)] = mask((schema_line("result", layout.result_file(project, run.id))
+                                                               + GENERATED + dump_yaml(manifest)).encode())
     return files
 
 

@@ -270,3 +270,27 @@ def test_a_gate_rejected_ends_the_request_failed_with_who_and_why(cluster, tmp_p
                                capture_output=True, text=True, timeout=60, env=GIT_ENV)
         assert again.returncode == 0, again.stderr
         assert "reason" not in (remote.read("projects/p/project.yaml") or "reason")
+
+
+def test_a_secret_in_a_failure_reason_never_reaches_any_object_of_the_remote(tmp_path: Path) -> None:
+    """`command: ["${X}"]` with X a secret: the 'program not found' reason names the value; it must be masked."""
+    remote = StateRemote(tmp_path)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "X").write_text("Sup3rS3cretValue-42xyz\n")
+    pipeline = "name: sec\nstages:\n  - {name: s, image: none, secrets: [X], command: ['${X}']}\n"
+    remote.write({"pipelines/sec.yaml": pipeline,
+                  "projects/p/project.yaml": PROJECT.format(pipeline="sec", request=1, state="running")})
+    node = NodeProcess("n1", remote.remote, tmp_path / "storage", tmp_path / "work" / "n1", "process",
+                       ("--secrets", str(secrets)))
+    try:
+        wait_for(lambda: state_of(remote, "p") == "FAILED", 30, "the project to end")
+        time.sleep(2)  # a few more heartbeats and cycles
+    finally:
+        node.stop()
+    (run,) = remote.status("p")["runs"]
+    assert "***" in run["reason"], run["reason"]
+    objects = subprocess.run(["git", "--git-dir", str(remote.remote), "cat-file", "--batch-all-objects", "--batch"],
+                             capture_output=True).stdout
+    assert b"Sup3rS3cretValue" not in objects
+    assert b"Sup3rS3c" not in objects and b"retValue-42xyz" not in objects  # not in halves either
