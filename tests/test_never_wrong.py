@@ -296,3 +296,15 @@ def test_a_node_whose_cycles_keep_failing_says_so_once_and_reports_itself_degrad
     finally:
         node.executor.close()
         node.repo.close()
+
+
+def test_status_says_a_broken_status_yaml_is_unreadable_and_how_to_restore_it(tmp_path: Path) -> None:
+    remote = StateRemote(tmp_path)
+    remote.write({"pipelines/cpu.yaml": PIPELINE, "projects/p/project.yaml": "pipeline: cpu\nrun: {request: 1}\n",
+                  "projects/p/status.yaml": "state: RUNNING\nobserved_request: 3\x00\n"}, "a hand edit gone wrong")
+    out = winslow(remote.clone, "status")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("p "))
+    assert " INVALID " in row and "projects/p/status.yaml is unreadable" in row and "git checkout" in row, row
+    assert " IDLE " not in row
+    detail = winslow(remote.clone, "status", "p").stdout
+    assert "the nodes have seen request 0" not in detail and "status cannot be read" in detail, detail

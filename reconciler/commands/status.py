@@ -95,17 +95,33 @@ def _node_cell(data: Mapping[str, Any]) -> str | None:
     return f"{node} (LOST: last heard {_age(live['heard_seconds_ago'])} ago)" if live["state"] == "lost" else node
 
 
+def unreadable(snapshot: Snapshot) -> dict[str, str]:
+    """Projects whose node-written files cannot be read, with what to do: the nodes start nothing for them."""
+    found: dict[str, str] = {}
+    for problem in snapshot.problems:
+        project = layout.project_of(problem.path)
+        if project and problem.path.endswith(("/" + layout.STATUS_FILE, "/" + layout.LOCK_FILE)):
+            found.setdefault(project,
+                             f"{problem.path} is unreadable ({problem}); the nodes start nothing for this project "
+                             f"until it is restored: git log -p -- {problem.path}, then git checkout COMMIT -- "
+                             f"{problem.path}, commit and push")
+    return found
+
+
 def summary(entry: ProjectEntry, now: datetime, nodes: Mapping[str, NodeView] | None = None,
-            pipeline: str | None = None) -> dict[str, Any]:
+            pipeline: str | None = None, broken: str | None = None) -> dict[str, Any]:
     run = _latest(entry.status)
     since = _since(entry, run)
     message = entry.status.message or (str(entry.problems[0].message) if entry.problems else None)
+    if broken is not None:
+        message = broken
     pipeline = entry.project.pipeline if entry.project else (entry.lock.name if entry.lock else pipeline)
     live = _liveness(run, nodes or {})
     if run is not None and live is not None and live["state"] == "lost":
         message = (f"node {run.node} has not been heard from for {_age(live['heard_seconds_ago'])}; its runs "
                    f"become LOST when a live node notices") + (f" (status says: {message})" if message else "")
-    return {"project": entry.id, "pipeline": pipeline, "state": _state(entry),
+    return {"project": entry.id, "pipeline": pipeline,
+            "state": ProjectState.INVALID.value if broken is not None else _state(entry),
             "stage": run.stage if run else None, "run": run.id if run else None, "node": run.node if run else None,
             "node_liveness": live, "since": since, "age_seconds": _seconds(since, None, now), "message": message}
 
@@ -127,8 +143,11 @@ def detail(entry: ProjectEntry, snapshot: Snapshot, now: datetime, nodes: Mappin
     written = _as_written(view, entry) if entry.project is None else {}
     name = entry.project.name if entry.project else written.get("name")
     pipeline = written.get("pipeline") if isinstance(written.get("pipeline"), str) else None
-    data = summary(entry, now, nodes, pipeline)
-    errors = [str(p) for p in entry.problems] + list(status.errors)
+    broken = unreadable(snapshot).get(entry.id)
+    data = summary(entry, now, nodes, pipeline, broken)
+    errors = [str(p) for p in entry.problems] + list(status.errors) + ([broken] if broken else [])
+    if broken:
+        data["message"] = "its status cannot be read (see below)"
     if data["pipeline"] and entry.project is None:  # the pipeline's own errors, where it is the broken part
         errors += [str(p) for p in snapshot.pipeline_problems.get(data["pipeline"], ())]
     if entry.invalid and errors:  # the errors follow; the header need not repeat the first one
@@ -144,6 +163,7 @@ def detail(entry: ProjectEntry, snapshot: Snapshot, now: datetime, nodes: Mappin
         "runs": [dict(r.to_dict(), duration_seconds=_seconds(r.started, r.finished, now),
                       node_liveness=_liveness(r, nodes)) for r in status.runs],
         "waiting": status.state is ProjectState.WAITING,
+        "unreadable": broken is not None,
     })
     if data["waiting"]:
         data["approve"] = f"winslow approve {entry.id}"
@@ -185,7 +205,7 @@ def _print_detail(data: Mapping[str, Any]) -> None:
     if request:
         print(f"request {request['number']}: from {request['from']} until {request['until']}"
               + (", step by step" if request.get("step") else "") + f", next: {request.get('next') or '-'}")
-    if desired and desired["request"] != data["observed_request"]:
+    if desired and desired["request"] != data["observed_request"] and not data.get("unreadable"):
         print(f"asked for: request {desired['request']} ({desired['state']}); "
               f"the nodes have seen request {data['observed_request']}")
     elif desired and desired["state"] != "running":
@@ -238,7 +258,8 @@ def run_status(args: argparse.Namespace) -> int:
             print(held)
         _print_detail(data)
         return 0
-    rows = sorted((summary(e, now, nodes) for e in snapshot.projects.values()),
+    broken = unreadable(snapshot)
+    rows = sorted((summary(e, now, nodes, broken=broken.get(e.id)) for e in snapshot.projects.values()),
                   key=lambda r: (r["state"] != ProjectState.WAITING.value, r["project"]))
     if args.json:
         print(json.dumps({"source": source, "settings": settings, "projects": rows}, indent=2))
