@@ -241,6 +241,8 @@ def _stale_branches(world: World) -> list[str]:
 # -- one project ---------------------------------------------------------------------------------
 
 def _project(cycle: _Cycle, entry: ProjectEntry, facts: list[Fact], unreadable: bool) -> Outcome:
+    if not layout.is_safe_id(entry.id):  # `..`, `.git`: INVALID to validate, and nothing is written for it
+        return Outcome(entry.id)
     if unreadable:
         # Reading it as "never started" would run every stage again: leave it for a person.
         return Outcome(entry.id, settled=frozenset(f.key for f in facts if f.kind == STARTED))

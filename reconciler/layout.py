@@ -23,6 +23,7 @@ leaves), `logs/<p>/<run>.log` (full stage logs).
 from __future__ import annotations
 
 import posixpath
+import re
 
 # -- the state repo: files on main --------------------------------------------------------------
 CONFIG = "winslow.yaml"
@@ -153,6 +154,14 @@ def workspace_prefix(project: str) -> str:
 def storage_log(project: str, run_id: str) -> str:
     """A run's full log, relative to the storage root."""
     return f"{STORAGE_LOGS}/{project}/{run_id}.log"
+
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def is_safe_id(name: str) -> bool:
+    """A name that can be one folder of the repo or the storage: never `.`, `..`, `.git` or a path."""
+    return bool(SAFE_ID.match(name)) and name not in (".", "..")
 
 
 def escapes(path: str) -> bool:

@@ -32,6 +32,9 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
     """The files of one commit. Everything goes through `mask`: a secret's value never reaches main, whether in
     a log, a reason, a message or an event (the node masks reasons where they arise; this is the last guard)."""
     files: dict[str, bytes | None] = {}
+    unsafe = [p for p in (*plan.statuses, *plan.locks, *(p for p, _, _ in plan.finished)) if not layout.is_safe_id(p)]
+    if unsafe:  # decide never plans for such a folder; should it, nothing leaves the project's folder
+        raise ValueError(f"refusing to write outside a project's folder: {', '.join(sorted(set(unsafe)))}")
     for project, status in plan.statuses.items():
         files[layout.status_file(project)] = mask(status_file(status))
     for project, (request, pipeline) in plan.locks.items():

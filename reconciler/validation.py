@@ -6,23 +6,17 @@ problems that keep it from being used, each located at its line.
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from reconciler.errors import Problem
-from reconciler.layout import escapes, in_workspaces_of, workspace_prefix
+from reconciler.layout import escapes, in_workspaces_of, is_safe_id, workspace_prefix
 from reconciler.model import VAR, ClusterConfig, Pipeline, Project, Run, Status, fill
 from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
 from reconciler.yamlsafe import Document, shorten
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MOUNTS = ("/resources", "/input", "/workspace")
-
-
-def is_safe_id(name: str) -> bool:
-    return bool(SAFE_ID.match(name)) and name not in (".", "..")
 
 
 def section(data: Mapping[str, Any], key: str) -> dict[str, Any]:

@@ -749,3 +749,21 @@ def test_a_node_whose_cycles_fail_does_not_lead_and_the_next_healthy_one_does() 
     assert "every node that fits is draining" in (second.statuses["t"].message or "")
     healthy = {"gpu1": GPU1, "gpu2": GPU2}
     assert decide(World(snapshot(repo), healthy, NOW), Me("gpu2")).statuses == {}  # gpu1 leads when it works
+
+
+@pytest.mark.parametrize("folder", ["..", ".git", "-rf", "a b"])
+def test_nothing_is_ever_written_for_a_project_folder_that_is_not_a_safe_name(folder: str) -> None:
+    repo = base() | project(pid=folder, request=1) | project(pid="t", request=1)
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1"))
+    assert folder not in plan.statuses and folder not in plan.locks and all(c.project != folder for c in plan.claims)
+    assert "t" in plan.statuses  # its neighbour goes on
+
+
+def test_the_report_refuses_to_write_outside_a_project_folder(tmp_path) -> None:
+    from reconciler.model import Status
+    from reconciler.report import changes
+    from reconciler.storage import LocalStorage
+
+    plan = Plan(statuses={"..": Status()})
+    with pytest.raises(ValueError, match="outside a project's folder"):
+        changes(plan, LocalStorage(tmp_path), snapshot(base()).config, "gpu1", None)
