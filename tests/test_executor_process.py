@@ -146,6 +146,16 @@ def test_variables_in_the_command_are_expanded_from_the_stage_env(executor, exit
     assert spec.log_path.read_text() == "hi run=1-detect-1 ${UNKNOWN_NAME}\n"
 
 
+def test_an_env_value_is_data_never_code_in_a_shell_script(executor, exits, make_spec, tmp_path):
+    """`sh -c` scripts are left to the shell, which expands ${VIDEO} from the environment as a value."""
+    pwned = tmp_path / "pwned"
+    spec = make_spec("sh", "-c", 'echo "video=${VIDEO}"', env={"VIDEO": f"x; touch {pwned}"})
+    executor.start(spec)
+    exits.next()
+    assert not pwned.exists()
+    assert spec.log_path.read_text() == f"video=x; touch {pwned}\n"
+
+
 def test_the_stage_sees_winslow_variables_and_the_host_basics(executor, exits, make_spec, tmp_path):
     (tmp_path / "in").mkdir()
     spec = make_spec("sh", "-c", 'echo "$WINSLOW_PROJECT|$WINSLOW_STAGE|$WINSLOW_NODE|$WINSLOW_INPUT|$PATH"',

@@ -129,9 +129,30 @@ def stage_env(spec: LaunchSpec, resources: str, input_dir: str | None, workspace
     return env
 
 
+SHELLS = {"sh", "bash", "dash", "ash", "zsh", "ksh"}
+
+
 def expand(command: tuple[str, ...], env: Mapping[str, str]) -> list[str]:
-    """Replace `${VAR}` in each argument from the stage's environment (unknown names stay)."""
-    return [fill(arg, env) for arg in command]
+    """Replace `${VAR}` in each argument from the stage's environment (unknown names stay).
+
+    A value always stays data: it becomes (part of) one argument, never code. The script
+    of a shell (`sh -c SCRIPT`) is left as written — the shell expands `${VAR}` itself from
+    the environment the stage gets, as a value — so `VIDEO="x; id"` cannot run `id`.
+    """
+    script = _shell_script_index(command)
+    return [arg if i == script else fill(arg, env) for i, arg in enumerate(command)]
+
+
+def _shell_script_index(command: tuple[str, ...]) -> int | None:
+    """Where the script of `sh -c SCRIPT ...` (or `bash -ec SCRIPT`) is, if the command is one."""
+    if not command or command[0].rsplit("/", 1)[-1] not in SHELLS:
+        return None
+    for i, arg in enumerate(command[1:], start=1):
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return None  # a script file, not -c
+        if "c" in arg[1:] and not arg.startswith("--"):
+            return i + 1 if i + 1 < len(command) else None
+    return None
 
 
 def make_folders(spec: LaunchSpec, node: str, *more: Path) -> None:
