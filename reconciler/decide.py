@@ -336,7 +336,9 @@ def _listed(manifest: Mapping[str, object]) -> str:
     count = len(files) if isinstance(files, list) else 0
     unlisted = manifest.get("unlisted")
     skipped = f", {len(unlisted)} could not be listed" if isinstance(unlisted, list) and unlisted else ""
-    return f"results listed: {_count(count, 'file')}{skipped}"
+    links = manifest.get("links")
+    linked = f", {_count(len(links), 'symbolic link')} (not followed)" if isinstance(links, list) and links else ""
+    return f"results listed: {_count(count, 'file')}{linked}{skipped}"
 
 
 def _mark_lost(status: Status, world: World) -> Status:

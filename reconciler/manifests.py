@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_MAX_FILES = 10_000
 UNLISTED_MAX = 100
+LINKS_MAX = 1000  # symbolic links named in one manifest
+LINK_TARGET_MAX = 1024  # characters of a link's target kept
 CHUNK = 4 * 1024 * 1024
 RACY_S = 2.0  # a file changed this recently is hashed but not cached (see HashCache)
 CACHE_MAX_ENTRIES = 200_000  # about 60 MB of memory at most
@@ -61,7 +63,6 @@ _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 LOOP = "symbolic link loop: it never leads to a file"
-DANGLING = "symbolic link to a file that does not exist"
 VANISHED = "disappeared while the workspace was being listed"
 REPLACED = "was replaced while the workspace was being listed"
 CHANGING = "kept changing while it was being hashed (is something still writing it?)"
@@ -290,8 +291,9 @@ def build_manifest(workspace: PathLike, workspace_key: str, cache: HashCache | N
     """The result manifest of the workspace at `workspace` (named `workspace_key` in it); never raises.
 
     Returns {"workspace", "total_size", "truncated", "files": [{"path", "size", "sha256"}],
-    and "unlisted": [{"path", "reason"}] when something could not be listed}. A
-    workspace that does not exist gives an empty manifest.
+    "links": [{"path", "target"}] when the run left symbolic links (listed as links, never
+    followed, hashed or served), and "unlisted": [{"path", "reason"}] when something could
+    not be listed}. A workspace that does not exist gives an empty manifest.
     """
     builder = _Builder(cache, max_files)
     try:
@@ -301,6 +303,8 @@ def build_manifest(workspace: PathLike, workspace_key: str, cache: HashCache | N
         builder.unlist(".", f"listing stopped early: {type(exc).__name__}: {exc}")
     manifest: dict[str, Any] = {"workspace": workspace_key, "total_size": builder.total,
                                 "truncated": builder.truncated, "files": builder.files}
+    if builder.links:
+        manifest["links"] = builder.links
     if builder.unlisted:
         if builder.more:
             last = builder.unlisted[-1]
@@ -317,11 +321,11 @@ class _Builder:
         self.max_files = max_files
         self.files: list[dict[str, Any]] = []
         self.unlisted: list[dict[str, str]] = []
+        self.links: list[dict[str, str]] = []
         self.more = 0
         self.total = 0
         self.truncated = False
         self.base = ""
-        self.below = ""
 
     def unlist(self, path: str, reason: str) -> None:
         if len(self.unlisted) < UNLISTED_MAX:
@@ -341,7 +345,6 @@ class _Builder:
             self.unlist(".", NOT_A_FOLDER)
             return
         self.base = os.path.realpath(workspace)
-        self.below = os.path.join(self.base, "")
         top = self._entries(self.base, ".")
         if top is None:
             return
@@ -394,34 +397,18 @@ class _Builder:
         return [name for _, name in keyed]
 
     def _link(self, rel: str, full: str) -> None:
+        """A symbolic link is listed as one, with what it points at: never followed, hashed or served."""
         try:
-            target = os.path.realpath(full, strict=True)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.unlist(rel, LOOP)
-            elif not os.path.lexists(full):
-                self.unlist(rel, VANISHED)
-            elif self._inside(_loose_realpath(full)):  # a link out is skipped however broken it is
-                self.unlist(rel, DANGLING if exc.errno in (errno.ENOENT, errno.ENOTDIR) else _reason(exc))
-            return
-        except (ValueError, RuntimeError) as exc:
-            self.unlist(rel, f"symbolic link cannot be followed: {exc}")
-            return
-        if not self._inside(target):
-            return
-        try:
-            st = os.stat(target)
+            target = os.readlink(full)
         except OSError as exc:
             self.unlist(rel, _reason(exc))
             return
-        if stat.S_ISREG(st.st_mode):
-            self._add(rel, target)
-
-    def _inside(self, path: str) -> bool:
-        return bool(path) and path.startswith(self.below)
+        if len(self.links) < LINKS_MAX:
+            self.links.append({"path": rel, "target": target[:LINK_TARGET_MAX].encode("utf-8", "surrogateescape")
+                               .decode("utf-8", "backslashreplace")})
 
     def _add(self, rel: str, path: str) -> None:
-        """Hash a regular file (`path`: the file itself, or the real path a symlink leads to)."""
+        """Hash a regular file (opened without following a link: one swapped in meanwhile is refused)."""
         if len(self.files) >= self.max_files:
             self.truncated = True
             return
@@ -471,14 +458,6 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
         return entry.is_dir(follow_symlinks=False)
     except OSError:
         return False
-
-
-def _loose_realpath(path: str) -> str:
-    """Where a link points, as far as it can be followed; "" when even that fails."""
-    try:
-        return os.path.realpath(path)
-    except (OSError, ValueError, RuntimeError):
-        return ""
 
 
 def _reason(exc: OSError, folder: bool = False) -> str:

@@ -229,7 +229,11 @@ class Node:
         for running in self.executor.running():
             entry = snapshot.projects.get(running.project) if snapshot else None
             run = entry.status.run(running.run_id) if entry else None
-            tail = read_tail(self.storage.log_path(running.project, running.run_id), live_tail)
+            try:
+                tail = read_tail(self.storage.log_path(running.project, running.run_id), live_tail,
+                                 self.secrets.mask, self.secrets.longest)
+            except StorageError:
+                tail = ""
             runs.append({"project": running.project, "run": running.run_id, "stage": run.stage if run else "",
                          "gpus": list(run.gpus) if run else [], "started": running.started,
                          "log_tail": self.secrets.mask(tail.encode()).decode("utf-8", "replace")})
@@ -487,7 +491,8 @@ class Node:
                 log.exception("%s/%s: could not stop", stop.project, stop.run_id)
         launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
-            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask),
+            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask,
+                                                   self.secrets.longest),
                                       self._masked(message(plan, self.name)))
             clock.lap("commit")
             # Containers are created while the claim travels; none starts before the push lands.
@@ -611,13 +616,30 @@ class Node:
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
-        fact = Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest)
+        fact = Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest,
+                    inputs=self._inputs(stage.inputs_for(claim.env)))
         self.memory.started(fact)
         self.journal.record(fact)
         self.wake.set()
         log.info("%s/%s on %s: started (stage %s%s)", claim.project, run.id, self.name, stage.name,
                  f", GPU {','.join(map(str, run.gpus))}" if run.gpus else "",
                  extra=_fields(claim.project, run.id, self.name, "started"))
+
+    def _inputs(self, paths: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+        """Size and sha256 of each input the run reads, as they are now (a hash `winslow upload` recorded is
+        reused; otherwise the file is hashed once and the hash kept beside it)."""
+        found = []
+        for path in paths:
+            try:
+                entry = self.storage.stat(f"{layout.RESOURCES}/{path}", hash=True)
+            except StorageError as exc:
+                found.append({"path": path, "size": 0, "reason": f"could not be read: {exc}"})
+                continue
+            if entry.sha256 is None:
+                found.append({"path": path, "size": entry.size, "reason": f"a {entry.kind}, not hashed"})
+            else:
+                found.append({"path": path, "size": entry.size, "sha256": entry.sha256})
+        return tuple(found)
 
     def _sleep_budget(self) -> float:
         return self.memory.sleep_budget(self._config())

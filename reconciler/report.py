@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from reconciler import layout
 from reconciler.decide import Plan
+from reconciler.errors import StorageError
 from reconciler.facts import EXITED
 from reconciler.model import ClusterConfig, Pipeline, Status
 from reconciler.storage import LocalStorage, capped_log
@@ -28,7 +29,7 @@ def lock_file(request: int, pipeline: Pipeline, commit: str | None) -> bytes:
 
 
 def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str, commit: str | None,
-            mask: Callable[[bytes], bytes] = lambda data: data) -> dict[str, bytes | None]:
+            mask: Callable[[bytes], bytes] = lambda data: data, overlap: int = 0) -> dict[str, bytes | None]:
     """The files of one commit. Everything goes through `mask`: a secret's value never reaches main, whether in
     a log, a reason, a message or an event (the node masks reasons where they arise; this is the last guard)."""
     files: dict[str, bytes | None] = {}
@@ -41,8 +42,11 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
         files[layout.lock_file(project)] = mask(lock_file(request, pipeline, commit))
     for project, run, fact in plan.finished:
         if fact.kind == EXITED:
-            files[layout.log_file(project, run.id)] = mask(capped_log(storage.log_path(project, run.id),
-                                                                      config.log_head, config.log_tail))
+            try:  # a broken log is its run's problem, said in its place; the commit goes on
+                log = capped_log(storage.log_path(project, run.id), config.log_head, config.log_tail, mask, overlap)
+            except StorageError as exc:
+                log = f"[winslow: the log could not be read: {exc}]\n".encode()
+            files[layout.log_file(project, run.id)] = mask(log)
         if fact.manifest is not None:
             manifest = {"project": project, "run": run.id, "stage": run.stage, "node": node, "created": fact.time,
                         **fact.manifest}

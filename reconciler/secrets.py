@@ -44,6 +44,11 @@ class SecretStore:
                                     f"(expected a file named {name} in the node's --secrets folder)")
         return {name: known[name] for name in names}
 
+    @property
+    def longest(self) -> int:
+        """The length of the longest secret value: how far past a cut text must be read to mask it whole."""
+        return max((len(v.encode()) for v in self._all().values()), default=0)
+
     def mask(self, data: bytes) -> bytes:
         for value in sorted(self._all().values(), key=len, reverse=True):
             if len(value) >= MIN_MASKED:

@@ -363,3 +363,6 @@ def test_container_names_are_valid_for_docker_and_distinct():
     assert odd != odd_twin
     assert len(long) <= 120
     assert container_name("node-2", "ulm-0812", "3-detect-1") != plain
+    # Two state repos whose nodes share an engine and a node name: their containers never collide.
+    assert container_name("node-1", "ulm-0812", "3-detect-1", "a1b2c3d4e5f6") != \
+        container_name("node-1", "ulm-0812", "3-detect-1", "ffff0000ffff") != plain

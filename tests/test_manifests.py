@@ -17,8 +17,6 @@ import pytest
 from reconciler import manifests
 from reconciler.manifests import (
     CHANGING,
-    DANGLING,
-    LOOP,
     NOT_UTF8,
     UNLISTED_MAX,
     VANISHED,
@@ -56,6 +54,10 @@ def listed(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def unlisted(manifest: dict[str, Any]) -> dict[str, str]:
     return {u["path"]: u["reason"] for u in manifest.get("unlisted", [])}
+
+
+def links(manifest: dict[str, Any]) -> dict[str, str]:
+    return {link["path"]: link["target"] for link in manifest.get("links", [])}
 
 
 @pytest.fixture
@@ -114,18 +116,19 @@ def test_a_symlink_loop_is_named_not_raised(ws: Path) -> None:
     os.makedirs(ws / "deep")
     os.symlink("../deep/loop", ws / "deep" / "loop")
     manifest = build(ws)
-    assert list(listed(manifest)) == ["kept.txt"]
-    assert unlisted(manifest) == {"a": LOOP, "b": LOOP, "deep/loop": LOOP, "self": LOOP}
+    assert list(listed(manifest)) == ["kept.txt"] and "unlisted" not in manifest
+    assert links(manifest) == {"a": "b", "b": "a", "deep/loop": "../deep/loop", "self": "self"}
 
 
-def test_a_dangling_link_inside_is_named_and_one_pointing_out_is_skipped(ws: Path, tmp_path: Path) -> None:
+def test_a_dangling_link_is_listed_as_a_link_with_its_target(ws: Path, tmp_path: Path) -> None:
     os.symlink("no-such-file", ws / "dangling")
     os.symlink("kept.txt/below-a-file", ws / "not-a-folder")
     os.symlink(tmp_path / "nowhere", ws / "dangling-out")
     (ws / "kept.txt").write_text("kept")
     manifest = build(ws)
-    assert list(listed(manifest)) == ["kept.txt"]
-    assert unlisted(manifest) == {"dangling": DANGLING, "not-a-folder": DANGLING}
+    assert list(listed(manifest)) == ["kept.txt"] and "unlisted" not in manifest
+    assert links(manifest) == {"dangling": "no-such-file", "not-a-folder": "kept.txt/below-a-file",
+                               "dangling-out": str(tmp_path / "nowhere")}
 
 
 def test_links_out_of_the_workspace_are_never_followed(ws: Path, tmp_path: Path) -> None:
@@ -141,9 +144,10 @@ def test_links_out_of_the_workspace_are_never_followed(ws: Path, tmp_path: Path)
     os.symlink("../..", ws / "sub" / "up")
     manifest = build(ws)
     assert manifest["files"] == [] and "unlisted" not in manifest
+    assert links(manifest)["passwd"] == "/etc/passwd" and len(links(manifest)) == 6  # named, never read
 
 
-def test_links_inside_are_listed_with_their_targets_content_and_linked_folders_are_not_entered(ws: Path) -> None:
+def test_links_inside_are_listed_as_links_never_hashed_and_linked_folders_are_not_entered(ws: Path) -> None:
     (ws / "data").mkdir()
     (ws / "data" / "frames.bin").write_bytes(b"frames")
     os.symlink("data/frames.bin", ws / "alias.bin")
@@ -152,10 +156,10 @@ def test_links_inside_are_listed_with_their_targets_content_and_linked_folders_a
     os.symlink("data", ws / "data-link")  # a folder: not entered, not listed
     os.symlink(".", ws / "here")
     manifest = build(ws)
-    frames = {"size": 6, "sha256": sha(b"frames")}
-    assert manifest["files"] == [{"path": p, **frames} for p in ("absolute-alias.bin", "alias.bin", "chain.bin",
-                                                                  "data/frames.bin")]
-    assert manifest["total_size"] == 24 and "unlisted" not in manifest
+    assert manifest["files"] == [{"path": "data/frames.bin", "size": 6, "sha256": sha(b"frames")}]
+    assert manifest["total_size"] == 6 and "unlisted" not in manifest
+    assert links(manifest) == {"absolute-alias.bin": str(ws / "data" / "frames.bin"), "alias.bin": "data/frames.bin",
+                               "chain.bin": "alias.bin", "data-link": "data", "here": "."}
 
 
 def test_a_workspace_reached_through_a_symlink_is_listed(ws: Path, tmp_path: Path) -> None:
@@ -163,7 +167,8 @@ def test_a_workspace_reached_through_a_symlink_is_listed(ws: Path, tmp_path: Pat
     os.symlink("x", ws / "inside-link")
     (ws / "x").write_text("x")
     os.symlink(ws, tmp_path / "ws-link")
-    assert [f["path"] for f in build(tmp_path / "ws-link")["files"]] == ["a.txt", "inside-link", "x"]
+    manifest = build(tmp_path / "ws-link")
+    assert [f["path"] for f in manifest["files"]] == ["a.txt", "x"] and links(manifest) == {"inside-link": "x"}
 
 
 def test_fifos_and_sockets_are_skipped_without_blocking(ws: Path) -> None:
@@ -305,8 +310,9 @@ def test_a_deep_tree_does_not_hit_the_recursion_limit(ws: Path) -> None:
 
 
 def test_unlisted_is_bounded(ws: Path) -> None:
-    for i in range(UNLISTED_MAX + 20):
-        os.symlink(f"loop{i:03}", ws / f"loop{i:03}")
+    for i in range(UNLISTED_MAX + 20):  # names that are not UTF-8 cannot be listed in YAML
+        with open(os.path.join(os.fsencode(ws), b"bad\xff%03d" % i), "wb"):
+            pass
     manifest = build(ws)
     assert len(manifest["unlisted"]) == UNLISTED_MAX
     assert manifest["unlisted"][-1]["reason"].endswith("; 20 more entries could not be listed either (not named here)")
@@ -317,8 +323,10 @@ def test_a_manifest_with_unlisted_entries_matches_the_result_schema(ws: Path) ->
 
     (ws / "a.txt").write_text("a")
     os.symlink("loop", ws / "loop")
+    with open(os.path.join(os.fsencode(ws), b"bad\xff"), "wb"):
+        pass
     manifest = build(ws)
-    assert "unlisted" in manifest
+    assert "unlisted" in manifest and "links" in manifest
     document = {"project": "p", "run": "1-a-1", "stage": "a", "node": "n1", "created": "2026-01-01T00:00:00.000Z",
                 **manifest}
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
@@ -349,12 +357,11 @@ def test_an_unchanged_file_is_not_hashed_twice(ws: Path, hashed: list[int]) -> N
     assert listed(second)["video.bin"] == {"path": "video.bin", "size": len(data), "sha256": sha(data)}
 
 
-def test_a_file_reached_through_a_link_shares_the_cache_entry(ws: Path, hashed: list[int]) -> None:
+def test_a_link_to_a_file_is_never_hashed(ws: Path, hashed: list[int]) -> None:
     big_file(ws / "video.bin", 4 * 1024 * 1024)
     os.symlink("video.bin", ws / "alias.bin")
-    cache = HashCache(racy_s=0)
-    manifest = build(ws, cache=cache)
-    assert len(hashed) == 1 and listed(manifest)["alias.bin"]["sha256"] == listed(manifest)["video.bin"]["sha256"]
+    manifest = build(ws, cache=HashCache(racy_s=0))
+    assert len(hashed) == 1 and list(listed(manifest)) == ["video.bin"] and links(manifest) == {"alias.bin": "video.bin"}
 
 
 def test_a_changed_file_is_hashed_again(ws: Path, hashed: list[int]) -> None:

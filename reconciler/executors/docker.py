@@ -219,7 +219,7 @@ class DockerEngine:
             ]
         try:
             return self._client.containers.create(
-                spec.image, expand(spec.command, env), name=container_name(self.node, spec.project, spec.run_id),
+                spec.image, expand(spec.command, env), name=container_name(self.node, spec.project, spec.run_id, self.cluster),
                 environment=env, labels=labels, mounts=self._mounts(spec), detach=True,
                 init=True,  # a real PID 1: the program gets TERM on stop, zombies are reaped
                 **options,
@@ -331,9 +331,10 @@ def _ended(run: _Container) -> Ended:
     return Ended(exit_code, format_time(finished) if finished else utcnow(), reason)
 
 
-def container_name(node: str, project: str, run_id: str) -> str:
-    """`winslow-<project>-<run>-<node>`, made valid for Docker and unique per engine."""
-    raw = f"winslow-{project}-{run_id}-{node}"
+def container_name(node: str, project: str, run_id: str, cluster: str = "") -> str:
+    """`winslow-<project>-<run>-<node>[-<cluster>]`, made valid for Docker and unique per engine: two state repos
+    whose nodes share an engine (and a node name) never take each other's container names."""
+    raw = f"winslow-{project}-{run_id}-{node}" + (f"-{cluster[:8]}" if cluster else "")
     name = _NAME_INVALID.sub("-", raw)
     if name == raw and len(name) <= _NAME_MAX:
         return name
