@@ -580,7 +580,12 @@ def _missing_input(item: Startable, status: Status, world: World) -> str | None:
 
 
 def _waits_for_input(item: Startable, status: Status, missing: str, cycle: _Cycle) -> Outcome:
-    message = f"{item.stage.name} waits for input {missing}: upload it with `winslow upload FILE {missing}`"
+    return _waits(item, status, f"{item.stage.name} waits for input {missing}: upload it with "
+                                f"`winslow upload FILE {missing}`")
+
+
+def _waits(item: Startable, status: Status, message: str) -> Outcome:
+    """The stage is PENDING for `message`'s reason: said once (with the request's observation, if new)."""
     if item.new_request is not None:
         return _observed(item, status, message)
     if status.message != message:
@@ -605,11 +610,7 @@ def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:
         has = (f"; the largest live node, {largest.name}, has {_count(largest.gpu_total, 'GPU')} and "
                f"{_count(largest.cpus, 'CPU')}" if largest else "; no node is alive")
         message = f"no live node could ever run {item.stage.name}: it needs {wanted}{has}"
-    if item.new_request is not None:
-        return _observed(item, status, message)
-    if status.message != message:
-        return Outcome(item.project, replace(status, message=message))
-    return Outcome(item.project)
+    return _waits(item, status, message)
 
 
 def _count(n: float, noun: str) -> str:

@@ -568,6 +568,7 @@ class ResultManifest:
     truncated: bool = False
     files: tuple[ResultFile, ...] = ()
     unlisted: tuple[tuple[str, str], ...] = ()  # (path, why it could not be listed)
+    links: tuple[tuple[str, str], ...] = ()     # (path, target): symbolic links, never followed
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ResultManifest:
@@ -577,4 +578,5 @@ class ResultManifest:
             total_size=int(data.get("total_size", 0)), truncated=bool(data.get("truncated", False)),
             files=tuple(ResultFile(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in _items(data.get("files"))),
             unlisted=tuple((str(u.get("path", "")), str(u.get("reason", ""))) for u in _items(data.get("unlisted"))),
+            links=tuple((str(k.get("path", "")), str(k.get("target", ""))) for k in _items(data.get("links"))),
         )

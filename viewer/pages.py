@@ -120,7 +120,8 @@ def manifest_dict(manifest: ResultManifest | None) -> dict[str, Any] | None:
             "total_size": manifest.total_size, "truncated": manifest.truncated,
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256,
                        "storage_path": f"{manifest.workspace}/{f.path}"} for f in manifest.files],
-            "unlisted": [{"path": p, "reason": r} for p, r in manifest.unlisted]}
+            "unlisted": [{"path": p, "reason": r} for p, r in manifest.unlisted],
+            "links": [{"path": p, "target": t} for p, t in manifest.links]}
 
 
 def run_data(entry: ProjectEntry, run: Run, snapshot: Snapshot, nodes: Mapping[str, NodeView], now: datetime,
