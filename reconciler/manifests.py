@@ -64,6 +64,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
 LOOP = "symbolic link loop: it never leads to a file"
 VANISHED = "disappeared while the workspace was being listed"
+WORKSPACE_LINK = "the workspace itself was replaced by a symbolic link: not followed, nothing listed"
 REPLACED = "was replaced while the workspace was being listed"
 CHANGING = "kept changing while it was being hashed (is something still writing it?)"
 NOT_UTF8 = "name is not valid UTF-8"
@@ -335,6 +336,12 @@ class _Builder:
 
     def walk(self, workspace: str) -> None:
         try:
+            if stat.S_ISLNK(os.lstat(workspace).st_mode):
+                # The node made it a folder; a run that swapped it for a link (into storage, say) lists nothing.
+                target = os.readlink(workspace)
+                self.links.append({"path": ".", "target": target[:LINK_TARGET_MAX]})
+                self.unlist(".", WORKSPACE_LINK)
+                return
             st = os.stat(workspace)
         except (FileNotFoundError, NotADirectoryError):
             return

@@ -224,6 +224,15 @@ def test_what_a_stage_leaves_running_in_the_background_ends_with_it(executor, ex
                timeout=10)
 
 
+def test_a_child_that_left_the_stage_s_group_with_setsid_ends_with_the_stage_too(executor, exits, make_spec):
+    spec = make_spec("sh", "-c", 'setsid sleep 77 </dev/null >/dev/null 2>&1 & echo $! > child.pid; sleep 0.3')
+    executor.start(spec)
+    assert exits.next(timeout=15).exit_code == 0
+    child = int((spec.workspace_dir / "child.pid").read_text())
+    wait_until(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE,
+               timeout=10)
+
+
 def test_a_stage_ended_by_its_supervisor_when_the_lease_lapses_says_so(make_spec, state_dir, tmp_path):
     from reconciler.executors.process import ProcessExecutor
     from reconciler.fencing import FENCED, write_lease

@@ -162,13 +162,16 @@ def test_links_inside_are_listed_as_links_never_hashed_and_linked_folders_are_no
                                "chain.bin": "alias.bin", "data-link": "data", "here": "."}
 
 
-def test_a_workspace_reached_through_a_symlink_is_listed(ws: Path, tmp_path: Path) -> None:
+def test_a_workspace_below_a_linked_folder_is_listed_but_one_swapped_for_a_link_is_not(ws: Path, tmp_path: Path) -> None:
     (ws / "a.txt").write_text("a")
     os.symlink("x", ws / "inside-link")
     (ws / "x").write_text("x")
-    os.symlink(ws, tmp_path / "ws-link")
-    manifest = build(tmp_path / "ws-link")
+    os.symlink(ws.parent, tmp_path / "root-link")  # a storage root reached through a link: fine
+    manifest = build(tmp_path / "root-link" / ws.name)
     assert [f["path"] for f in manifest["files"]] == ["a.txt", "x"] and links(manifest) == {"inside-link": "x"}
+    os.symlink(ws, tmp_path / "swapped")  # the run put a link where its workspace was: nothing behind it is listed
+    swapped = build(tmp_path / "swapped")
+    assert swapped["files"] == [] and unlisted(swapped) == {".": manifests.WORKSPACE_LINK}
 
 
 def test_fifos_and_sockets_are_skipped_without_blocking(ws: Path) -> None:

@@ -19,7 +19,9 @@ a new process group) and the program as its child, in the same group. The wrappe
   or frozen and cannot stop its own work, so the wrapper ends the program group (TERM,
   then KILL after a grace) and says why in EXIT_FILE.lapsed — before any other node
   may take the run over, since the node timeout is longer than the lease;
-- ends whatever the program left running in its group when it ends (TERM, then KILL);
+- ends whatever the program left running when it ends (TERM, then KILL): its process
+  group, and — the wrapper being a child subreaper, so that orphans come to it even
+  after `setsid` — every descendant still alive;
 - then ends the same way as the program: the same exit code, or the same signal.
 
 It imports only the standard library and runs with `-I -S`, so the stage's own
@@ -39,6 +41,7 @@ _RELAYED = (signal.SIGTERM, signal.SIGINT)
 _USAGE = "usage: _wrap.py [--ready-fd N] [--lease-file F] EXIT_FILE -- PROGRAM [ARGS...]"
 LEASE_CHECK_S = 1.0  # how often the lease file is read
 KILL_GRACE_S = 10.0  # from TERM to KILL when the lease lapsed
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 LEFTOVER_GRACE_S = 2.0  # from TERM to KILL for what a stage left running when it ended
 
 
@@ -204,8 +207,62 @@ def _end_like(returncode: int) -> int:
     return 128 + signum
 
 
+def _become_subreaper() -> None:
+    """Orphaned descendants (even those that left the group with setsid) are reparented to the wrapper."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the process group is all that is ended
+
+
+def _children() -> list[int]:
+    """The wrapper's live children (orphans of the stage come here: it is their subreaper)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != b"Z" and int(fields[1]) == me:
+            found.append(int(entry))
+    return found
+
+
+def _end_descendants() -> None:
+    """TERM, then KILL, whatever of the stage is still alive below the wrapper; reap as they end."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + (LEFTOVER_GRACE_S if signum == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            _reap()
+            children = _children()
+            if not children:
+                return
+            for pid in children:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def main(argv: list[str]) -> int:
     ready_fd, lease_file, exit_file, command = _parse(argv)
+    _become_subreaper()
     relay = _Relay()
     relay.install()
     try:
@@ -217,6 +274,7 @@ def main(argv: list[str]) -> int:
     relay.release()
     returncode = _supervise(child, lease_file, exit_file)
     _end_leftovers()
+    _end_descendants()
     _write_exit_code(exit_file, returncode)
     return _end_like(returncode)
 
