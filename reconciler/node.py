@@ -184,7 +184,10 @@ class Node:
         self.wake.set()
 
     def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
-        return build_manifest(self.storage.workspace(project, run_id), layout.workspace(project, run_id), self.hashes)
+        key = layout.workspace(project, run_id)
+        as_made = self.storage.root / key  # not resolved: a run that swapped its workspace for a link lists nothing
+        folder = as_made if as_made.is_symlink() else self.storage.workspace(project, run_id)
+        return build_manifest(folder, key, self.hashes)
 
     # -- what the heartbeat asks and tells ------------------------------------------------------
     def _masked(self, text: str) -> str:

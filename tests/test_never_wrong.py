@@ -308,3 +308,18 @@ def test_status_says_a_broken_status_yaml_is_unreadable_and_how_to_restore_it(tm
     assert " IDLE " not in row
     detail = winslow(remote.clone, "status", "p").stdout
     assert "the nodes have seen request 0" not in detail and "status cannot be read" in detail, detail
+
+
+def test_a_run_that_swaps_its_workspace_for_a_link_into_storage_lists_nothing_of_storage(tmp_path: Path) -> None:
+    remote = StateRemote(tmp_path)
+    swap = "name: swap\nstages:\n  - {name: s, image: none, command: [sh, -c, 'cd /; rm -rf \"$WINSLOW_WORKSPACE\"; " \
+           "ln -s ../.. \"$WINSLOW_WORKSPACE\"']}\n"
+    remote.write({"pipelines/swap.yaml": swap, "projects/p/project.yaml": "pipeline: swap\nrun: {request: 1}\n"}, "p")
+    node = NodeProcess("ws-1", remote.remote, tmp_path / "storage", tmp_path / "work")
+    try:
+        run = wait_for(lambda: (remote.status("p").get("runs") or [{}])[0].get("result"), 30, "the result manifest")
+    finally:
+        node.stop()
+    manifest = yaml.safe_load(remote.read(str(run)) or "{}")
+    assert manifest["files"] == [] and manifest["unlisted"][0]["path"] == "."
+    assert remote.status("p")["runs"][0]["exit_code"] == 0
