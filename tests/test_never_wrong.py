@@ -223,7 +223,9 @@ def test_an_outage_is_said_once_and_its_end_too(tmp_path: Path) -> None:
         wait_for(lambda: "reachable again" in node.log(), 60, "the node to say the remote is back")
     finally:
         node.stop()
-    said = [line.split("unreachable: ", 1)[1] for line in node.log().splitlines() if "state repo is unreachable" in line]
+    log = node.log()
+    during = log[:log.index("reachable again")]  # one outage: from the first failure to its end
+    said = [line.split("unreachable: ", 1)[1] for line in during.splitlines() if "state repo is unreachable: " in line]
     assert said and len(said) == len(set(said)) <= 3, said  # once per different message, not once per try
     assert any("does not appear to be a git repository" in words for words in said), said
 
