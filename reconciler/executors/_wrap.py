@@ -60,14 +60,7 @@ class _Relay:
         if not self.started:
             self.pending.append(signum)
             return
-        # Ignored for the moment of the send: the wrapper itself is in the group.
-        signal.signal(signum, signal.SIG_IGN)
-        try:
-            os.killpg(os.getpgrp(), signum)
-        except OSError:
-            pass
-        finally:
-            signal.signal(signum, self.handle)
+        _signal_group(signum)
 
     def release(self) -> None:
         self.started = True
@@ -125,6 +118,7 @@ def _supervise(child: subprocess.Popen[bytes], lease_file: str | None, exit_file
 
 
 def _signal_group(signum: int) -> None:
+    """Send `signum` to the stage's group; the wrapper, in the group too, ignores it for the moment of the send."""
     previous = signal.signal(signum, signal.SIG_IGN) if signum != signal.SIGKILL else None
     try:
         if signum == signal.SIGKILL:  # the wrapper is in the group too: kill the others by pid
