@@ -83,26 +83,40 @@ def _parse(argv: list[str]) -> tuple[int | None, str | None, str, list[str]]:
     return ready_fd, lease_file, argv[0], argv[2:]
 
 
-def _lapsed(lease_file: str | None) -> float | None:
-    """When the node's lease ran out, if it has; None while it holds or nothing says (no file yet)."""
-    if lease_file is None:
-        return None
-    try:
-        with open(lease_file, encoding="ascii") as handle:
-            expires = float(handle.read().strip())
-    except (OSError, ValueError):
-        return None
-    return expires if time.time() > expires else None
+class Lease:
+    """The node's lease as its supervisor sees it: the time in the lease file, read anew at each check.
+
+    A file that cannot be read (removed with its work folder, a failing disk, a write caught
+    half-way) does not extend the lease: the last time read stands, so the stage still ends
+    once that has passed. Only before the first read is there nothing to judge by."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.expires: float | None = None
+
+    def lapsed(self, now: float | None = None) -> float | None:
+        """When the lease ran out, if it has; None while it holds or before it was first read."""
+        if self.path is None:
+            return None
+        try:
+            with open(self.path, encoding="ascii") as handle:
+                self.expires = float(handle.read().strip())
+        except (OSError, ValueError):
+            pass
+        if self.expires is None:
+            return None
+        return self.expires if (time.time() if now is None else now) > self.expires else None
 
 
 def _supervise(child: subprocess.Popen[bytes], lease_file: str | None, exit_file: str) -> int:
     """Wait for the program; end its group when the node's lease lapses (the node dead or frozen)."""
+    lease = Lease(lease_file)
     while True:
         try:
             return child.wait(timeout=LEASE_CHECK_S if lease_file else None)
         except subprocess.TimeoutExpired:
             pass
-        expired = _lapsed(lease_file)
+        expired = lease.lapsed()
         if expired is None:
             continue
         why = (f"the node's lease ran out at {time.strftime('%H:%M:%S', time.gmtime(expired))} UTC "

@@ -9,7 +9,8 @@ lease file (renewed with each heartbeat the node pushes) every second, and once 
 lease has run out it stops every container of that node (`docker stop`, TERM then KILL
 after a grace) and leaves why in `DIR/lapsed/<container name>`, so the node, when it comes
 back, records those runs LOST and not FAILED. The lease is shorter than the node timeout:
-the containers end before any other node may take their runs over.
+the containers end before any other node may take their runs over. A lease file that
+cannot be read (gone with the work folder, a failing disk) leaves the last time read standing.
 
 One watchdog per node and work folder (its pid in `DIR/watchdog.pid`). It ends itself
 once the lease has lapsed and no container of the node is left; a node that starts
@@ -25,21 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+from reconciler.executors._wrap import Lease
 from reconciler.fencing import FENCED, LEASE_FILE
 
 CHECK_S = 1.0
 STOP_GRACE_S = 10
 PIDFILE = "watchdog.pid"
 LAPSED = "lapsed"  # folder of notes, one per container the watchdog stopped
-
-
-def lapsed(lease_file: Path) -> float | None:
-    """When the lease ran out, if it has; None while it holds or no lease was written yet."""
-    try:
-        expires = float(lease_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return expires if time.time() > expires else None
 
 
 def _containers(node: str, cluster: str) -> list[str]:
@@ -51,7 +44,7 @@ def _containers(node: str, cluster: str) -> list[str]:
 
 
 def watch(node: str, cluster: str, work: Path) -> int:
-    lease_file = work / LEASE_FILE
+    lease = Lease(str(work / LEASE_FILE))
     notes = work / LAPSED
     temp = work / f".{PIDFILE}.{os.getpid()}"
     temp.write_text(f"{os.getpid()}\n")
@@ -59,7 +52,7 @@ def watch(node: str, cluster: str, work: Path) -> int:
     while True:
         if not _still_me(work):
             return 0  # a newer watchdog took over
-        expired = lapsed(lease_file)
+        expired = lease.lapsed()
         if expired is not None:
             try:
                 names = _containers(node, cluster)
