@@ -11,7 +11,6 @@ lost; when it comes back, the nodes' branches move again before anyone judges th
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 from reconciler.model import NodeInfo
@@ -21,21 +20,25 @@ from reconciler.units import format_duration
 
 
 class ConnectedClock:
-    """Seconds this node has been in touch with the remote: it runs from one successful fetch to the next,
-    and stands still across any stretch with a failed fetch in it."""
+    """Seconds this node has been in touch with the remote: it runs from the start of one successful
+    fetch to the start of the next, and stands still across any stretch with a failed fetch in it.
+
+    A fetch tells how the remote stood when it began, so the clock advances only to then: a node
+    frozen (SIGSTOP, a paused VM) with a fetch in flight does not count the freeze as time in touch,
+    and does not judge other nodes silent on tips it fetched before the freeze."""
 
     def __init__(self) -> None:
         self._total = 0.0
         self._last_ok: float | None = None
 
-    def fetched(self, ok: bool, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+    def fetched(self, ok: bool, began: float) -> None:
+        """A fetch that began at `began` (this process's monotonic clock) succeeded or failed."""
         if not ok:
             self._last_ok = None
             return
         if self._last_ok is not None:
-            self._total += now - self._last_ok
-        self._last_ok = now
+            self._total += max(0.0, began - self._last_ok)
+        self._last_ok = began
 
     def __call__(self) -> float:
         return self._total

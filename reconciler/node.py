@@ -319,15 +319,15 @@ class Node:
 
     def step(self) -> float:
         """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
+        began = time.monotonic()
         try:
-            began = time.perf_counter()
             self.repo.fetch(skip_node=self.name)
-            log.debug("fetch %.0fms", (time.perf_counter() - began) * 1000)
-            self._fetched = time.monotonic()
-            self.liveness.clock.fetched(True)
+            log.debug("fetch %.0fms", (time.monotonic() - began) * 1000)
+            self._fetched = began  # the view is as fresh as the remote was when the fetch began
+            self.liveness.clock.fetched(True, began)
             self._reachable()
         except GitError as exc:
-            self.liveness.clock.fetched(False)
+            self.liveness.clock.fetched(False, began)
             self._unreachable(exc)
         for attempt in range(MAX_CAS_RETRIES):
             try:
@@ -346,11 +346,13 @@ class Node:
             # The race was lost: back off a little (a stop ends the wait), then fetch the winner's tip.
             if self.stopping.wait(random.uniform(0, 0.02 * (attempt + 1))):
                 return 0.0
+            began = time.monotonic()
             try:
                 self.repo.fetch(skip_node=self.name)
             except GitError as exc:
-                self.liveness.clock.fetched(False)
+                self.liveness.clock.fetched(False, began)
                 return self._unreachable(exc)
+            self.liveness.clock.fetched(True, began)
         else:
             log.warning("main kept moving: %d pushes in a row were rejected; deciding again soon", MAX_CAS_RETRIES)
         try:

@@ -163,13 +163,13 @@ def test_silence_counts_only_while_the_observer_reaches_the_remote(remote: State
     from reconciler.liveness import ConnectedClock
 
     clock = ConnectedClock()
-    clock.fetched(True, now=0.0)
-    clock.fetched(True, now=10.0)
+    clock.fetched(True, 0.0)
+    clock.fetched(True, 10.0)
     assert clock() == 10.0
-    clock.fetched(False, now=20.0)   # the remote is down from here ...
-    clock.fetched(True, now=80.0)    # ... to here: those 70 s are nobody's silence
+    clock.fetched(False, 20.0)   # the remote is down from here ...
+    clock.fetched(True, 80.0)    # ... to here: those 70 s are nobody's silence
     assert clock() == 10.0
-    clock.fetched(True, now=85.0)
+    clock.fetched(True, 85.0)
     assert clock() == 15.0
 
     push_node(remote, tmp_path, dict(NODE_DOC, drain=False))
@@ -177,10 +177,10 @@ def test_silence_counts_only_while_the_observer_reaches_the_remote(remote: State
     try:
         seen = view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"]
         assert not seen.lost and seen.heard_ago == 0.0
-        clock.fetched(False, now=90.0)
-        clock.fetched(True, now=200.0)  # a long outage: the branch could not move, and counts as silent for 0 s
+        clock.fetched(False, 90.0)
+        clock.fetched(True, 200.0)  # a long outage: the branch could not move, and counts as silent for 0 s
         assert not view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"].lost
-        clock.fetched(True, now=225.0)  # 25 s in touch with the remote and the branch did not move: lost
+        clock.fetched(True, 225.0)  # 25 s in touch with the remote and the branch did not move: lost
         assert view.nodes(20.0, trust_commit_time=False, clock=clock)["ws-1"].lost
     finally:
         view.close()
