@@ -39,7 +39,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -54,7 +53,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.cluster import GIT_ENV, NodeProcess, StateRemote, git, wait_for
+from tests.cluster import GIT_ENV, GitDaemon, NodeProcess, StateRemote, git, wait_for
 
 SEED = int(os.environ.get("WINSLOW_FUZZ_SEED", "17"))
 TRIALS = max(1, int(os.environ.get("WINSLOW_FUZZ_TRIALS", "1")))
@@ -114,45 +113,6 @@ def below(base: Path, relative: str) -> Path:
     if base.resolve() not in path.resolve().parents:
         raise AssertionError(f"harness bug: {relative!r} leaves {base}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class GitDaemon:
-    """`git daemon` on 127.0.0.1 serving the remote (push included); stopped and started again for an outage."""
-
-    def __init__(self, base: Path, log: Path) -> None:
-        self.base = base
-        self.port = free_port()
-        self.url = f"git://127.0.0.1:{self.port}/remote.git"
-        self._log = open(log, "ab")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["git", "daemon", "--reuseaddr", "--listen=127.0.0.1", f"--port={self.port}", f"--base-path={self.base}",
-             "--export-all", "--enable=receive-pack", "--informative-errors", str(self.base)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=GIT_ENV)
-
-        def answers() -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", self.port)) == 0
-        wait_for(answers, 10, "git daemon to listen", interval=0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self._log.close()
 
 
 @dataclass
@@ -907,7 +867,7 @@ def holders_of(harness: Harness, projects: Iterable[str]) -> dict[str, tuple[str
 
 def node_faults(root: Path, rng: random.Random, seconds: float = 12, users_push: int = 12,
                 long_projects: int = 2, known: bool = False, figures: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Two nodes under random kills, freezes and git outages while two users push; raises on a violation.
+    """Three nodes under random kills, freezes and git outages while two users push; raises on a violation.
 
     Returns figures: the faults dealt and the takeover times after a SIGKILL or a long SIGSTOP of a node that held a
     long stage (fault to the retry's first mark)."""
@@ -925,7 +885,7 @@ def node_faults(root: Path, rng: random.Random, seconds: float = 12, users_push:
     watcher = TipWatcher(harness.remote.remote, stop)
     faults: list[Fault] = []
     restarts: dict[str, float] = {}  # killed node -> when it comes back
-    names = ("n1", "n2")
+    names = ("n1", "n2", "n3")
     try:
         for name in names:
             harness.start(name)
