@@ -312,6 +312,17 @@ def test_status_says_a_broken_status_yaml_is_unreadable_and_how_to_restore_it(tm
     assert "the nodes have seen request 0" not in detail and "status cannot be read" in detail, detail
 
 
+def test_status_names_the_last_readable_version_of_a_broken_status_yaml(tmp_path: Path) -> None:
+    remote = StateRemote(tmp_path)
+    good = "state: IDLE\nobserved_request: 0\nruns: []\n"
+    remote.write({"pipelines/cpu.yaml": PIPELINE, "projects/p/project.yaml": "pipeline: cpu\nrun: {request: 0}\n",
+                  "projects/p/status.yaml": good}, "a readable status")
+    readable = git(remote.clone, "rev-parse", "HEAD").strip()
+    remote.write({"projects/p/status.yaml": good.replace("IDLE", "IDLE\x00")}, "a hand edit gone wrong")
+    detail = winslow(remote.clone, "status", "p").stdout
+    assert f"git checkout {readable[:12]} -- projects/p/status.yaml" in detail, detail
+
+
 def test_a_run_that_swaps_its_workspace_for_a_link_into_storage_lists_nothing_of_storage(tmp_path: Path) -> None:
     remote = StateRemote(tmp_path)
     swap = "name: swap\nstages:\n  - {name: s, image: none, command: [sh, -c, 'cd /; rm -rf \"$WINSLOW_WORKSPACE\"; " \

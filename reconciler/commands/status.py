@@ -108,6 +108,25 @@ def unreadable(snapshot: Snapshot) -> dict[str, str]:
     return found
 
 
+def last_readable(view: RepoView, path: str, project: str) -> str | None:
+    """The newest commit on main whose version of `path` (a node-written file) reads cleanly, if its recent history
+    has one: what to restore."""
+    from reconciler.validation import read_status  # the one reader the nodes use too
+
+    if view.git is None or not path.endswith("/" + layout.STATUS_FILE):
+        return None
+    for commit, raw in view.git.versions(view.tip() or MAIN, path)[1:]:
+        if raw is None:
+            return None
+        try:
+            status, problems = read_status(parse_yaml(raw, path), project)
+        except InvalidFile:
+            continue
+        if status is not None and not problems:
+            return commit
+    return None
+
+
 def summary(entry: ProjectEntry, now: datetime, nodes: Mapping[str, NodeView] | None = None,
             pipeline: str | None = None, broken: str | None = None) -> dict[str, Any]:
     run = _latest(entry.status)
@@ -144,6 +163,11 @@ def detail(entry: ProjectEntry, snapshot: Snapshot, now: datetime, nodes: Mappin
     name = entry.project.name if entry.project else written.get("name")
     pipeline = written.get("pipeline") if isinstance(written.get("pipeline"), str) else None
     broken = unreadable(snapshot).get(entry.id)
+    if broken:
+        good = last_readable(view, layout.status_file(entry.id), entry.id)
+        if good:
+            broken += (f"; its last readable version is in {good[:12]}: git checkout {good[:12]} -- "
+                       f"{layout.status_file(entry.id)}")
     data = summary(entry, now, nodes, pipeline, broken)
     errors = [str(p) for p in entry.problems] + list(status.errors) + ([broken] if broken else [])
     if broken:
