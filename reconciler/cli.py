@@ -7,10 +7,24 @@ import sys
 from collections.abc import Sequence
 
 from reconciler import __version__
-from reconciler.commands import cluster, demo, files, init, logs, node, nodes, projects, status, validate, verbs, viewer
+from reconciler.commands import (
+    cluster,
+    demo,
+    files,
+    init,
+    localcluster,
+    logs,
+    node,
+    nodes,
+    projects,
+    status,
+    validate,
+    verbs,
+    viewer,
+)
 from reconciler.errors import WinslowError
 
-COMMANDS = (validate, init, node, verbs, projects, status, nodes, cluster, logs, files, viewer, demo)
+COMMANDS = (validate, init, node, verbs, projects, status, nodes, cluster, logs, files, viewer, demo, localcluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
