@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from reconciler import layout
@@ -33,6 +33,7 @@ from reconciler.model import (
     RunState,
     Stage,
     Status,
+    image_repository,
 )
 from reconciler.placement import rank, slots
 from reconciler.progress import ABORTED, SUPERSEDED, Standing, latest_success, standing
@@ -292,6 +293,8 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -
         if fact.kind == STARTED:
             if run.started is None:
                 digest = f" ({fact.image_digest[:19]})" if fact.image_digest else ""
+                if fact.pulled:
+                    run = run.with_event(fact.time, fact.pulled)
                 status = status.with_run(run.with_event(fact.time, f"started{digest}",
                                                         started=fact.time, image_digest=fact.image_digest,
                                                         inputs=tuple(InputFile.from_dict(f) for f in fact.inputs)))
@@ -613,6 +616,18 @@ def _unplaceable(item: Startable, status: Status, cycle: _Cycle) -> Outcome:
     return _waits(item, status, message)
 
 
+def _pinned_image(runs: Sequence[Run], request: int, stage: Stage) -> str:
+    """The image a new attempt runs: the digest an earlier attempt of this stage and request ran for its tag (every
+    retry runs what the first one pulled, whatever the tag names by then), else the stage's image as written."""
+    if "@sha256:" not in stage.image:
+        for run in reversed(runs):
+            pulled = run.image_digest or ""
+            if (run.request == request and run.stage == stage.name and "@sha256:" in pulled
+                    and pulled.split("@", 1)[0] == image_repository(stage.image)):
+                return pulled
+    return stage.image
+
+
 def _count(n: float, noun: str) -> str:
     return f"{n:g} {noun}" + ("" if n == 1 else "s")
 
@@ -630,10 +645,13 @@ def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle
     recorded = {**env, **{name: SECRET_MASK for name in item.stage.secrets}}
     _, _, attempt = item.run_id.rpartition("-")
     me, now = cycle.me.name, cycle.now
+    image = _pinned_image(status.runs, status.request.number, item.stage) if cycle.me.images else None
     events = [f"claimed by {me}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
+    if image and image != item.stage.image:
+        events.append(f"image {item.stage.image} pinned to {image}, as its earlier attempt ran")
     run = Run(id=item.run_id, request=status.request.number, stage=item.stage.name, attempt=int(attempt),
               state=RunState.RUNNING, node=me, gpus=gpus, cpus=item.stage.resources.cpus,
-              memory=item.stage.resources.memory, claimed=now, image=item.stage.image if cycle.me.images else None,
+              memory=item.stage.resources.memory, claimed=now, image=image,
               env=recorded,
               workspace=layout.workspace(item.project, item.run_id), input=source.workspace if source else None)
     for message in events:

@@ -20,6 +20,7 @@ class Fact:
     exit_code: int | None = None
     reason: str | None = None
     image_digest: str | None = None
+    pulled: str | None = None  # STARTED: the image pulled for it (`pulled REF@sha256:... (45 MB in 3.1 s)`)
     lost: bool = False  # ended by the node's own failure (fencing), not by the program
     manifest: dict[str, Any] | None = field(default=None, compare=False)
     inputs: tuple[dict[str, Any], ...] | list[dict[str, Any]] = field(default=(), compare=False)  # STARTED: what it read

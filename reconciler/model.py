@@ -56,6 +56,13 @@ def _env(values: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): text(v) for k, v in (values or {}).items()}
 
 
+
+def image_repository(ref: str) -> str:
+    """An image reference without its tag or digest: `registry.lab:5000/a/b:v1` -> `registry.lab:5000/a/b`."""
+    name = ref.split("@", 1)[0]
+    colon = name.rfind(":")
+    return name[:colon] if colon > name.rfind("/") else name
+
 @dataclass(frozen=True)
 class Resources:
     gpus: int = 0

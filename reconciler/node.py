@@ -572,7 +572,7 @@ class Node:
         run, stage = claim.run, claim.stage
         try:
             spec = LaunchSpec(
-                project=claim.project, run_id=run.id, stage=stage.name, node=self.name, image=stage.image,
+                project=claim.project, run_id=run.id, stage=stage.name, node=self.name, image=run.image or stage.image,
                 command=stage.command, env=claim.env, resources_dir=self.storage.resources,
                 workspace_dir=self.storage.workspace(claim.project, run.id),
                 input_dir=self.storage.inside(run.input) if run.input else None,
@@ -622,6 +622,7 @@ class Node:
             self.wake.set()
             return
         fact = Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest,
+                    pulled=started.pulled,
                     inputs=self._inputs(stage.inputs_for(claim.env)))
         self.memory.started(fact)
         self.journal.record(fact)

@@ -767,3 +767,20 @@ def test_the_report_refuses_to_write_outside_a_project_folder(tmp_path) -> None:
     plan = Plan(statuses={"..": Status()})
     with pytest.raises(ValueError, match="outside a project's folder"):
         changes(plan, LocalStorage(tmp_path), snapshot(base()).config, "gpu1", None)
+
+
+def test_a_retry_runs_the_digest_its_first_attempt_pulled_and_a_new_request_the_tag_again() -> None:
+    """The tag may name another image by the time of the retry: the retry runs what the first attempt ran."""
+    pulled = "tracker@sha256:" + "a" * 64
+    first = run("1-a-1", node="gpu1", image="tracker:1.4", image_digest=pulled)
+    repo = base() | project(pid="t", request=1) | status(pid="t", runs=[first])
+    fact = Fact("exited", "t", "1-a-1", NOW, exit_code=143, reason="fenced: gpu1 could not renew", lost=True)
+    plan = decide(World(snapshot(repo), {"gpu1": GPU1}, NOW), Me("gpu1", facts=(fact,)))
+    retry = plan.statuses["t"].runs[-1]
+    assert (retry.id, retry.image) == ("1-a-2", pulled)
+    assert any("pinned to " + pulled in event.message for event in retry.events), retry.events
+    done = {**first, "state": "SUCCEEDED", "finished": T0, "exit_code": 0}
+    again = base() | project(pid="t", request=2) | status(pid="t", runs=[done])
+    fresh = decide(World(snapshot(again), {"gpu1": GPU1}, NOW), Me("gpu1")).statuses["t"].runs[-1]
+    assert (fresh.id, fresh.image) == ("2-a-1", "tracker:1.4")
+

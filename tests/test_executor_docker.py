@@ -202,7 +202,8 @@ def test_timeout_stops_the_run_and_says_so(executor, node):
 def test_missing_image_raises_executor_error_naming_the_image(executor, node, docker_client):
     run, exits = executor
     image = "127.0.0.1:9/winslow-test/no-such-image:9"  # a pull may only knock on loopback
-    with pytest.raises(ExecutorError, match=re.escape(f"image '{image}' not found on {node.name}")):
+    with pytest.raises(ExecutorError, match=re.escape(f"the registry 127.0.0.1:9 cannot be reached from {node.name} "
+                                                      f"to pull '{image}'")):
         run.start(node.spec("3-detect-1", ["true"], image=image))
     assert containers_of(docker_client, node) == []
     exits.assert_none(within=0.1)

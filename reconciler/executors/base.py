@@ -58,6 +58,7 @@ class LaunchSpec:
 class StartInfo:
     started: str
     image_digest: str | None = None
+    pulled: str | None = None  # what was pulled for it, and how much in how long
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import requests
 
 from reconciler.clock import format_time, parse_time, utcnow
 from reconciler.errors import ExecutorError
-from reconciler.executors import watchdog
+from reconciler.executors import images, watchdog
 from reconciler.executors.base import (
     LABEL_CLUSTER,
     LABEL_NODE,
@@ -97,7 +97,10 @@ class DockerEngine:
         self._prepared: dict[tuple[str, str], tuple[Any, Any]] = {}  # created, not started: (image, container)
 
     def prepare(self, spec: LaunchSpec) -> None:
-        # Only an image already here: a pull can take minutes and belongs to spawn().
+        # Only an image already here: a pull can take minutes and belongs to spawn(), as does a registry's tag,
+        # which spawn() pulls to learn the digest it names now.
+        if images.registry_of(spec.image) and not images.by_digest(spec.image):
+            return
         try:
             image = self._client.images.get(spec.image)
         except _ENGINE_ERRORS as exc:
@@ -111,11 +114,18 @@ class DockerEngine:
 
     def spawn(self, spec: LaunchSpec) -> tuple[_Container, StartInfo]:
         prepared = self._prepared.pop((spec.project, spec.run_id), None)
-        image, container = prepared if prepared else (self._image(spec.image), self._create(spec))
+        pulled = None
+        if prepared:
+            image, container = prepared
+        else:
+            image, pulled = self._image(spec)
+            pinned = images.digest_ref(image, spec.image) if images.registry_of(spec.image) else None
+            container = self._create(replace(spec, image=pinned) if pinned else spec)  # never what the tag says later
         self._start(container, spec)
         run = _Container(spec.project, spec.run_id, container, spec.log_path)
-        digest = (image.attrs.get("RepoDigests") or [image.id])[0]  # the registry's name for it, when pulled
-        return run, StartInfo(started=utcnow(), image_digest=digest)
+        # The registry's name for it when it came from the stage's repository, else this engine's content id.
+        digest = images.digest_ref(image, spec.image) or image.id
+        return run, StartInfo(started=utcnow(), image_digest=digest, pulled=pulled)
 
     def wait(self, run: _Container, closing: threading.Event) -> Ended | None:
         self._pump_logs(run, closing)
@@ -181,20 +191,40 @@ class DockerEngine:
 
     # -- starting ----------------------------------------------------------------
 
-    def _image(self, ref: str) -> Any:
-        try:
-            return self._client.images.get(ref)
-        except docker.errors.ImageNotFound:
-            pass
-        except _ENGINE_ERRORS as exc:
-            raise ExecutorError(f"image '{ref}' could not be inspected on {self.node}: {_explain(exc)}") from exc
+    def _image(self, spec: LaunchSpec) -> tuple[Any, str | None]:
+        """The image to run, pulled if need be, and what the pull was (None when there was none)."""
+        ref, registry = spec.image, images.registry_of(spec.image)
+        if registry is None or images.by_digest(ref):  # this engine's own, or a digest already here: no pull
+            try:
+                return self._client.images.get(ref), None
+            except docker.errors.ImageNotFound:
+                pass
+            except _ENGINE_ERRORS as exc:
+                raise ExecutorError(f"image '{ref}' could not be inspected on {self.node}: {_explain(exc)}") from exc
+        if registry is None:
+            log.info("pulling image: node=%s image=%s", self.node, ref)
+            try:
+                return self._client.images.pull(ref), None
+            except _ENGINE_ERRORS as exc:
+                raise ExecutorError(
+                    f"image '{ref}' not found on {self.node} and could not be pulled: {_explain(exc)}"
+                ) from exc
+        return self._pull(ref, registry, spec.log_path)
+
+    def _pull(self, ref: str, registry: str, log_path: Path | None) -> tuple[Any, str]:
+        """Pull from a registry, its progress into the run's log; the image and a line saying what came."""
         log.info("pulling image: node=%s image=%s", self.node, ref)
+        progress = images.Progress(ref, lambda line: _log_line(log_path, line))
+        _log_line(log_path, f"winslow: pulling {ref} on {self.node}")
         try:
-            return self._client.images.pull(ref)
+            images.follow_pull(self._client.api.pull(ref, stream=True, decode=True), ref, registry, self.node,
+                               progress)
+            image = self._client.images.get(ref)
         except _ENGINE_ERRORS as exc:
-            raise ExecutorError(
-                f"image '{ref}' not found on {self.node} and could not be pulled: {_explain(exc)}"
-            ) from exc
+            raise ExecutorError(images.explain_pull(ref, registry, self.node, _explain(exc))) from exc
+        pulled = f"pulled {images.digest_ref(image, ref) or ref} ({progress.summary()})"
+        _log_line(log_path, f"winslow: {pulled}")
+        return image, pulled
 
     def _create(self, spec: LaunchSpec) -> Any:
         env = stage_env(spec, "/resources", "/input" if spec.input_dir else None, "/workspace")
@@ -380,6 +410,17 @@ def _open_log(path: Path | None) -> Any:
     except OSError as exc:
         log.warning("cannot open log file %s: %s", path, exc)
         return None
+
+
+def _log_line(path: Path | None, line: str) -> None:
+    """One line of Winslow's own into a run's log (a pull's progress, before the container writes there)."""
+    out = _open_log(path)
+    if out is not None:
+        with out:
+            try:
+                out.write(line.encode() + b"\n")
+            except OSError as exc:
+                log.warning("cannot write log file %s: %s", path, exc)
 
 
 def _mtime(path: Path | None) -> float | None:
