@@ -32,6 +32,7 @@ from reconciler.lister import Lister
 from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.memory import DecisionMemory, Inputs
+from reconciler.metrics import NodeMetrics
 from reconciler.model import ClusterConfig, ProjectState, RunState
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
@@ -162,6 +163,7 @@ class Node:
         self._fetched = 0.0
         self._last_housekeeping = 0.0
         self.cycles = 0
+        self.metrics = NodeMetrics(self)  # served by `winslow node --metrics-port`
 
     @property
     def storage(self) -> LocalStorage:
@@ -321,7 +323,8 @@ class Node:
         """Fetch, then cycle until the plan lands; returns how long to sleep at most."""
         began = time.monotonic()
         try:
-            self.repo.fetch(skip_node=self.name)
+            with self.metrics.fetch_seconds.time():
+                self.repo.fetch(skip_node=self.name)
             log.debug("fetch %.0fms", (time.monotonic() - began) * 1000)
             self._fetched = began  # the view is as fresh as the remote was when the fetch began
             self.liveness.clock.fetched(True, began)
@@ -334,6 +337,7 @@ class Node:
                 landed = self.cycle()
             except PushRejected:
                 log.debug("claim race lost: main moved on; deciding again on the new tip")
+                self.metrics.claim_conflicts.inc()
                 landed = False
             except GitError as exc:
                 return self._unreachable(exc)
@@ -348,7 +352,8 @@ class Node:
                 return 0.0
             began = time.monotonic()
             try:
-                self.repo.fetch(skip_node=self.name)
+                with self.metrics.fetch_seconds.time():
+                    self.repo.fetch(skip_node=self.name)
             except GitError as exc:
                 self.liveness.clock.fetched(False, began)
                 return self._unreachable(exc)
@@ -504,7 +509,8 @@ class Node:
             preparing = threading.Thread(target=self._prepare, args=(launches,), name="prepare", daemon=True)
             preparing.start()
             try:
-                self.repo.push_main(commit)
+                with self.metrics.push_seconds.time():
+                    self.repo.push_main(commit)
             except GitError:
                 preparing.join(timeout=60)
                 for claim, _ in launches:
@@ -514,6 +520,7 @@ class Node:
             preparing.join(timeout=60)
             clock.lap("prepared")
             log.info("pushed %s: %s", commit[:10], message(plan, self.name).splitlines()[0])
+            self.metrics.landed(plan)
             self._say_invalid(plan, snapshot)
             self._say_events(plan, snapshot)
             tip = commit

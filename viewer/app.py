@@ -5,7 +5,8 @@ stylesheet and script, and `security.Guard` in front of everything (GET and HEAD
 only, the optional token, the security headers). Each page is one function that
 returns plain data (`pages.py`, `overview.py`); `_page` renders it with a template,
 `_api` returns it as JSON. The live log is a stream of server-sent events
-(`livelog.py`); downloads come from storage with HTTP Range (`files.py`).
+(`livelog.py`); downloads come from storage with HTTP Range (`files.py`); `/metrics`
+is the cluster for Prometheus (`reconciler/metrics.py`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -28,6 +30,7 @@ from starlette.types import ASGIApp
 from reconciler import layout
 from reconciler.clock import parse_time
 from reconciler.errors import StorageError
+from reconciler.metrics import ClusterView, cluster_registry
 from reconciler.storage import NotFound, clean
 from reconciler.units import format_duration, format_size
 from reconciler.validation import is_safe_id
@@ -146,6 +149,10 @@ class Viewer:
                                      f"{layout.node_branch(request.path_params['node'])})")
         return pages.node_data(view, current.snapshot)
 
+    def cluster(self) -> ClusterView:
+        current = self.source.current
+        return ClusterView(current.snapshot, self.source.nodes(current), current.fetched)
+
     def pipelines(self, only: str | None = None) -> dict[str, Any]:
         snapshot = self.source.current.snapshot
         used: dict[str, int] = {}
@@ -234,6 +241,7 @@ def _state_class(state: str | None) -> str:
 # -- routes --------------------------------------------------------------------------------------
 def create_app(source: Source, files: Files | None, token: str | None = None) -> ASGIApp:
     viewer = Viewer(source, files)
+    registry = cluster_registry(viewer.cluster)
 
     async def home(request: Request) -> Response:
         data, links = await _thread(viewer.home, request)
@@ -325,6 +333,9 @@ def create_app(source: Source, files: Files | None, token: str | None = None) ->
     async def api_problems(request: Request) -> Response:
         return JSONResponse(pages.problems_data(source.current.snapshot))
 
+    async def metrics(request: Request) -> Response:
+        return Response(await run_in_threadpool(generate_latest, registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
     async def error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if request.url.path.startswith("/api/") or request.url.path.startswith("/download/"):
@@ -348,6 +359,7 @@ def create_app(source: Source, files: Files | None, token: str | None = None) ->
         Route("/pipelines", pipelines, methods=get),
         Route("/pipelines/{name}", pipelines, methods=get),
         Route("/problems", problems, methods=get),
+        Route("/metrics", metrics, methods=get),
         Route("/api/projects", api_projects, methods=get),
         Route("/api/projects/{project}", api_project, methods=get),
         Route("/api/projects/{project}/runs", api_runs, methods=get),

@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--poll", help="poll interval for remotes that cannot be watched (default 2s)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text for people (default), or one JSON object per line for log shippers")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off; docs/metrics.md)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address the metrics endpoint listens on (default 127.0.0.1: this machine only)")
     parser.set_defaults(func=run)
 
 
@@ -64,12 +68,23 @@ def run(args: argparse.Namespace) -> int:
         executor=args.executor, secrets=args.secrets, tags=tuple(args.tag),
         heartbeat=_seconds(args.heartbeat, "--heartbeat"), node_timeout=_seconds(args.node_timeout, "--node-timeout"),
         lease=_seconds(args.lease, "--lease"), poll=_seconds(args.poll, "--poll"))
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {args.metrics_port}: a port is a number from 0 to 65535")
     if args.executor == "docker":
         _check_docker()
     node = Node(options)
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: node.request_stop("SIGINT"))
-    node.run_forever()
+    metrics = None
+    if args.metrics_port is not None:
+        from reconciler.metrics import MetricsServer
+
+        metrics = MetricsServer(node.metrics.registry, args.metrics_host, args.metrics_port)
+    try:
+        node.run_forever()
+    finally:
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 
