@@ -72,3 +72,17 @@ def busybox_image(docker_client: docker.DockerClient) -> str:
         (Path(context) / "Dockerfile").write_text(_BUSYBOX_DOCKERFILE)
         docker_client.images.build(path=context, tag=BUSYBOX_TAG, rm=True, forcerm=True)
     return BUSYBOX_TAG
+
+
+WINSLOW_IMAGE_TAG = "winslow/winslow:ci"
+
+
+@pytest.fixture(scope="session")
+def winslow_image(docker_client: docker.DockerClient) -> str:
+    """Winslow's own image (the top-level Dockerfile), as `.ci/run` builds it; returns its tag."""
+    try:
+        docker_client.images.get(WINSLOW_IMAGE_TAG)
+    except docker.errors.ImageNotFound:
+        _unavailable(f"no image {WINSLOW_IMAGE_TAG}: build it with `bash .ci/run` (offline, on a local Debian base) "
+                     f"or `docker build -t {WINSLOW_IMAGE_TAG} .` (pulls python:3.11-slim; README: Winslow's image)")
+    return WINSLOW_IMAGE_TAG
