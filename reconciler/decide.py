@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from reconciler import layout
+from reconciler.buildplan import BUILDS_PROJECT, BuildClaim, blocked, digest, plan_builds
 from reconciler.clock import add_seconds, seconds_between
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.model import (
     SECRET_MASK,
+    Build,
     Desired,
     InputFile,
     NodeInfo,
@@ -66,6 +68,7 @@ class Me:
     facts: tuple[Fact, ...] = ()
     may_claim: bool = True  # False while the node's heartbeat lease has run out (fenced)
     images: bool = True  # its executor runs the stage's image (the process executor does not)
+    local_builds: frozenset[str] = frozenset()  # "<image>/<source>" this node is building now
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,13 @@ class Plan:
     stale_branches: list[str] = field(default_factory=list)  # resume branches behind their project
     quiet: frozenset[str] = frozenset()  # projects with nothing to do: see `decide`'s `quiet`
     due: str | None = None  # the earliest time at which time alone changes a decision
+    builds: dict[str, tuple[Build, ...]] = field(default_factory=dict)  # builds/NAME.yaml to write
+    build_claims: list[BuildClaim] = field(default_factory=list)  # images this node builds now
+    built: list[tuple[str, Build]] = field(default_factory=list)  # builds that ended: their logs land
 
     @property
     def commit_needed(self) -> bool:
-        return bool(self.statuses or self.locks or self.finished)
+        return bool(self.statuses or self.locks or self.finished or self.builds)
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ def decide(world: World, me: Me, quiet: frozenset[str] = frozenset()) -> Plan:
     facts: dict[str, list[Fact]] = {}
     for fact in me.facts:
         facts.setdefault(fact.project, []).append(fact)
+    built = facts.pop(BUILDS_PROJECT, [])
     local = {project for project, _ in me.local_runs}
     skip = quiet - facts.keys() - local
     unreadable = {layout.project_of(p.path) for p in world.snapshot.problems
@@ -198,7 +205,14 @@ def decide(world: World, me: Me, quiet: frozenset[str] = frozenset()) -> Plan:
     still = frozenset(o.project for o in outcomes if o.project not in placed_projects
                       and o.quiet(world.snapshot.projects[o.project].status))
     due = min((o.due for o in outcomes + placed if o.due), default=None)
-    return replace(plan, quiet=still | (skip & world.snapshot.projects.keys()), due=due)
+    mine = world.nodes.get(me.name)
+    settings = world.snapshot.config.nodes.get(me.name)
+    may_build = (me.images and me.may_claim and not (mine is not None and mine.degraded)
+                 and not (settings is not None and settings.drain))
+    builds = plan_builds(world.snapshot, world.nodes, me.name, built, world.now, may_build, me.local_builds)
+    plan.settled.update(builds.settled)
+    return replace(plan, quiet=still | (skip & world.snapshot.projects.keys()), due=due, builds=builds.records,
+                   build_claims=builds.claims, built=builds.finished, notes=plan.notes + builds.notes)
 
 
 def _fold(world: World, outcomes: Iterable[Outcome], orphans: frozenset[FactKey], deleted: tuple[Stop, ...],
@@ -410,6 +424,8 @@ def _new_request(cycle: _Cycle, entry: ProjectEntry, project: Project, status: S
     if pipeline is None:  # read_project guarantees it for a new request; kept for safety
         return Outcome(entry.id, replace(status, state=ProjectState.INVALID,
                                          message=f"pipeline '{project.pipeline}' missing"))
+    # The request runs the images built from images/ as they are now, whatever changes there later.
+    pipeline = pipeline.stamped(cycle.world.snapshot.image_sources, cycle.world.snapshot.commit)
     spec = project.run
     progress = RequestProgress(number=spec.request, from_stage=spec.from_stage or pipeline.stages[0].name,
                                until=spec.until or pipeline.stages[-1].name, step=spec.step, since=cycle.now,
@@ -519,6 +535,12 @@ def _place(cycle: _Cycle, outcomes: list[Outcome], skipped: frozenset[str]) -> l
     free = slots(world.nodes, held, world.snapshot.config)
     placed = []
     for item in (o.start for o in outcomes if o.start is not None):
+        unbuilt = blocked(item.stage, world.snapshot, world.nodes) if item.stage.build and me.images else None
+        if unbuilt is not None:  # its image is not built yet: look again soon (the build lands on its own file)
+            waits = _waits(item, statuses[item.project], unbuilt) if cycle.leads else \
+                _as_written(item, statuses[item.project], world)
+            placed.append(replace(waits, due=add_seconds(cycle.now, INPUT_RECHECK_S)))
+            continue
         missing = _missing_input(item, statuses[item.project], world)
         if missing is not None:  # no node can start it yet; look again soon (an upload may be on its way)
             waits = _waits_for_input(item, statuses[item.project], missing, cycle) if cycle.leads else \
@@ -645,9 +667,16 @@ def _claim(item: Startable, gpus: tuple[int, ...], status: Status, cycle: _Cycle
     recorded = {**env, **{name: SECRET_MASK for name in item.stage.secrets}}
     _, _, attempt = item.run_id.rpartition("-")
     me, now = cycle.me.name, cycle.now
-    image = _pinned_image(status.runs, status.request.number, item.stage) if cycle.me.images else None
+    if not cycle.me.images:
+        image = None
+    elif item.stage.build:
+        image = digest(item.stage, cycle.world.snapshot)  # placement claims it only once there is one
+    else:
+        image = _pinned_image(status.runs, status.request.number, item.stage)
     events = [f"claimed by {me}"] + ([f"GPU {', '.join(map(str, gpus))} assigned"] if gpus else [])
-    if image and image != item.stage.image:
+    if image and item.stage.build:
+        events.append(f"image built from {layout.image_dir(item.stage.build)}/: {image}")
+    elif image and image != item.stage.image:
         events.append(f"image {item.stage.image} pinned to {image}, as its earlier attempt ran")
     run = Run(id=item.run_id, request=status.request.number, stage=item.stage.name, attempt=int(attempt),
               state=RunState.RUNNING, node=me, gpus=gpus, cpus=item.stage.resources.cpus,

@@ -12,13 +12,17 @@ State repo (main)::
     projects/<p>/pipeline.lock.yaml             the pipeline a request locked   reconcilers
     projects/<p>/logs/<run>.log                 final, size-capped stage logs   reconcilers
     projects/<p>/results/<run>.yaml             result manifests                reconcilers
+    images/<name>/Dockerfile (+ its context)    a stage image Winslow builds    users
+    builds/<name>.yaml                          that image's builds and digests reconcilers
+    builds/<name>/<source>.log                  a build's size-capped log       reconcilers
 
 Other branches: `winslow/nodes/<node>` (`nodes/<node>.yaml` and `nodes/<node>.tick`,
 written by that node only) and `resume/<p>/<request>` (a proposed commit that
 continues a project waiting at a gate).
 
 Storage root: `resources/` (the shared pool), `workspaces/<p>/<run>/` (what a run
-leaves), `logs/<p>/<run>.log` (full stage logs).
+leaves), `logs/<p>/<run>.log` (full stage logs), `logs/.builds/<name>/<source>.log` (full
+build logs).
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ CONFIG = "winslow.yaml"
 PIPELINES = "pipelines"
 PROJECTS = "projects"
 PROJECT_FILE = "project.yaml"
+IMAGES = "images"
+BUILDS = "builds"
+_IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # a registry repository's last part
 STATUS_FILE = "status.yaml"
 LOCK_FILE = "pipeline.lock.yaml"
 LOGS = "logs"
@@ -73,7 +80,8 @@ def project_of(path: str) -> str | None:
 
 
 def is_state_file(path: str, results: bool = False) -> bool:
-    """A file the state reader looks at: winslow.yaml and the YAML files below pipelines/ and projects/.
+    """A file the state reader looks at: winslow.yaml, the YAML files below pipelines/ and projects/, the build
+    records in builds/, and every file of an image folder (images/NAME/...), whose ids make its content id.
 
     YAML in places Winslow never reads is listed too, so that the reader can say so.
     Result manifests only when `results` is asked for (the node never needs them to
@@ -82,6 +90,10 @@ def is_state_file(path: str, results: bool = False) -> bool:
     if path == CONFIG:
         return True
     parts = path.split("/")
+    if parts[0] == IMAGES:  # every file of an image folder: its content id is made of them
+        return len(parts) >= 3
+    if parts[0] == BUILDS:
+        return len(parts) == 2 and path.endswith(".yaml")
     if parts[0] not in (PIPELINES, PROJECTS) or not path.endswith((".yaml", ".yml")):
         return False
     if parts[0] == PROJECTS and len(parts) >= 4 and parts[2] in (LOGS, RESULTS):
@@ -175,3 +187,31 @@ def escapes(path: str) -> bool:
 def in_workspaces_of(path: str, project: str) -> bool:
     """True when `path` (relative to the storage root) is inside the project's workspaces."""
     return not escapes(path) and posixpath.normpath(path).startswith(workspace_prefix(project))
+
+
+# -- images Winslow builds ----------------------------------------------------------------------
+def is_image_name(name: str) -> bool:
+    return bool(_IMAGE_NAME.match(name))
+
+
+def image_dir(name: str) -> str:
+    return f"{IMAGES}/{name}"
+
+
+def image_of(path: str) -> str | None:
+    """`images/tracker/Dockerfile` -> `tracker`; None for a path outside an image folder."""
+    parts = path.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] == IMAGES else None
+
+
+def build_file(name: str) -> str:
+    return f"{BUILDS}/{name}.yaml"
+
+
+def build_log(name: str, source: str) -> str:
+    return f"{BUILDS}/{name}/{source[:16]}.log"
+
+
+def build_log_path(name: str, source: str) -> str:
+    """The full build log under the storage root."""
+    return f"{LOGS}/.builds/{name}/{source[:16]}.log"

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from reconciler.layout import IMAGES
 from reconciler.units import parse_duration, parse_size
 
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a command, an env value or an input path
@@ -95,6 +96,9 @@ class Stage:
     pause_after: bool = False
     gate_timeout: float | None = None
     description: str = ""
+    build: str | None = None  # `image: {build: NAME}`: the image Winslow builds from images/NAME/ in the state repo
+    build_source: str | None = None  # set in a request's lock: images/NAME/'s content id at the locked commit ...
+    build_commit: str | None = None  # ... and that commit, where a builder finds those files
 
     def inputs_for(self, env: Mapping[str, str]) -> tuple[str, ...]:
         """Its inputs with `${VAR}` filled from a run's env."""
@@ -102,9 +106,12 @@ class Stage:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage:
+        image = data["image"]
+        built = image if isinstance(image, Mapping) else {}
         return cls(
             name=data["name"],
-            image=data["image"],
+            image=f"{IMAGES}/{built['build']}" if built else image,
+            build=built.get("build"), build_source=built.get("source"), build_commit=built.get("commit"),
             command=tuple(data["command"]),
             env=_env(data.get("env")),
             secrets=tuple(data.get("secrets", ())),
@@ -157,6 +164,23 @@ class Pipeline:
         i = self.index(name)
         return self.stages[i - 1] if i > 0 else None
 
+
+    @property
+    def builds(self) -> tuple[str, ...]:
+        """The names of the images its stages have Winslow build (`image: {build: NAME}`)."""
+        return tuple(dict.fromkeys(stage.build for stage in self.stages if stage.build))
+
+    def stamped(self, sources: Mapping[str, str], commit: str | None) -> Pipeline:
+        """The copy a request locks: each built image names the content it runs (images/NAME/ at `commit`)."""
+        if not self.builds:
+            return self
+        stages = []
+        for raw in self.source.get("stages", []):
+            image = raw.get("image")
+            if isinstance(image, Mapping) and image.get("build") in sources and not image.get("source"):
+                raw = {**raw, "image": {"build": image["build"], "source": sources[image["build"]], "commit": commit}}
+            stages.append(raw)
+        return Pipeline.from_dict({**self.source, "stages": stages})
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -406,6 +430,8 @@ class ClusterConfig:
     live_tail: int = 8 * 1024
     nodes: Mapping[str, NodeSettings] = field(default_factory=dict)
     merge_request_url: str | None = None  # viewer.merge_request_url: opens a merge request of {branch}
+    registry: str | None = None  # images.registry: where built images are pushed (host:port)
+    image_prefix: str = "winslow"  # images.prefix: the repository folder they are pushed under
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ClusterConfig:
@@ -429,7 +455,49 @@ class ClusterConfig:
                                       tags=tuple(s.get("tags", ())))
                    for name, s in data.get("nodes", {}).items()},
             merge_request_url=data.get("viewer", {}).get("merge_request_url"),
+            registry=data.get("images", {}).get("registry"),
+            image_prefix=data.get("images", {}).get("prefix", default.image_prefix),
         )
+
+    def build_ref(self, name: str, source: str) -> str | None:
+        """The tag a build of images/NAME/ at `source` is pushed as; None without a registry."""
+        return f"{self.registry}/{self.image_prefix}/{name}:{source[:16]}" if self.registry else None
+
+
+class BuildState(str, enum.Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build of images/NAME/ with one content (`source`), as builds/NAME.yaml records it."""
+
+    source: str  # the content id of images/NAME/ (its files' paths and blob ids)
+    commit: str  # a commit on main that holds that content
+    state: BuildState
+    node: str
+    attempt: int = 1
+    claimed: str | None = None
+    finished: str | None = None
+    image: str | None = None   # the tag it is pushed as: REGISTRY/PREFIX/NAME:SOURCE
+    digest: str | None = None  # REGISTRY/PREFIX/NAME@sha256:..., what stages run
+    reason: str | None = None
+    log: str | None = None     # the capped build log on main
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Build:
+        return cls(source=str(data["source"]), commit=str(data["commit"]), state=BuildState(data["state"]),
+                   node=str(data["node"]), attempt=int(data.get("attempt", 1)), claimed=data.get("claimed"),
+                   finished=data.get("finished"), image=data.get("image"), digest=data.get("digest"),
+                   reason=data.get("reason"), log=data.get("log"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"source": self.source, "commit": self.commit, "state": self.state.value, "node": self.node,
+                "attempt": self.attempt, "claimed": self.claimed, "finished": self.finished, "image": self.image,
+                "digest": self.digest, "reason": self.reason, "log": self.log}
+        return {key: value for key, value in data.items() if value is not None}
 
 
 @dataclass(frozen=True)

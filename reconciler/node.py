@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler import layout
+from reconciler import buildplan, layout
+from reconciler.buildplan import BUILDS_PROJECT, BUILT, BuildClaim
 from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
@@ -147,6 +148,7 @@ class Node:
         self.watcher: RemoteWatcher | None = None
         self.memory = DecisionMemory()
         self._launching: set[tuple[str, str]] = set()  # claimed runs whose start is under way
+        self._building: set[str] = set()  # "<image>/<source>" builds under way (guarded by _pending_lock)
         self._pending_lock = threading.Lock()  # guards the launches and branch pushes under way
         self._launcher = ThreadPoolExecutor(max_workers=LAUNCHERS, thread_name_prefix="launch")
         self._branches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branches")
@@ -482,10 +484,12 @@ class Node:
         world = World(snapshot, nodes, utcnow(), lost, self.memory.waited(), resumes, self._has_input)
         quiet = self.memory.quiet(snapshot, inputs)
         held = self.memory.fresh_starts(facts)
-        plan = decide(world, Me(self.name, local, facts, may_claim, self.executor.images), quiet)
+        with self._pending_lock:
+            building = frozenset(self._building)
+        plan = decide(world, Me(self.name, local, facts, may_claim, self.executor.images, building), quiet)
         if held and _only_starts(plan, held):  # nothing else to commit: the fresh starts wait for company
             alone = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim,
-                                    self.executor.images), quiet)
+                                    self.executor.images, building), quiet)
             plan, held = (plan, set()) if alone.commit_needed else (alone, held)
         else:
             held = set()
@@ -530,11 +534,38 @@ class Node:
             with self._pending_lock:
                 self._launching.add(key)
             self._launcher.submit(self._launch_beside, key, claim, spec)
+        for build in plan.build_claims:
+            with self._pending_lock:
+                self._building.add(buildplan.key(build.name, build.source))
+            threading.Thread(target=self._build, args=(build,), name=f"build-{build.name}", daemon=True).start()
         clock.lap("launch")
         self._propose(tip, plan)
         if plan.commit_needed or plan.claims:
             log.debug("cycle %d on %s: %s", self.cycles, tip[:10], clock)
         return True
+
+    def _build(self, claim: BuildClaim) -> None:
+        """Build and push an image this node claimed; its outcome is a fact the next cycle commits."""
+        from reconciler.executors.builder import BuildFailed, build_and_push  # Docker's client, for Docker nodes only
+
+        key = buildplan.key(claim.name, claim.source)
+        log_path = self.storage.root / layout.build_log_path(claim.name, claim.source)
+        log.info("image %s (%s): building %s on %s", claim.name, claim.source[:12], claim.image, self.name)
+        try:
+            digest = build_and_push(self.repo.path, claim.commit, claim.name, claim.image, log_path,
+                                    self.options.work / "builds", self.name)
+            fact = Fact(BUILT, BUILDS_PROJECT, key, utcnow(), 0, None, image_digest=digest)
+            log.info("image %s (%s): built %s", claim.name, claim.source[:12], digest)
+        except BuildFailed as exc:
+            fact = Fact(BUILT, BUILDS_PROJECT, key, utcnow(), 1, self._masked(str(exc)))
+            log.warning("image %s (%s): %s", claim.name, claim.source[:12], fact.reason)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the build RUNNING forever
+            log.exception("image %s (%s): the build failed", claim.name, claim.source[:12])
+            fact = Fact(BUILT, BUILDS_PROJECT, key, utcnow(), 1, self._masked(f"{type(exc).__name__}: {exc}"))
+        self.journal.record(fact)  # before it leaves _building: the next cycle sees one or the other
+        with self._pending_lock:
+            self._building.discard(key)
+        self.wake.set()
 
     def _propose(self, tip: str, plan: Plan) -> None:
         """Push resume branches and prune stale ones beside the cycle, one branch push at a time.

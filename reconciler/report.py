@@ -52,6 +52,17 @@ def changes(plan: Plan, storage: LocalStorage, config: ClusterConfig, node: str,
                         **fact.manifest}
             files[layout.result_file(project, run.id)] = mask((schema_line("result", layout.result_file(project, run.id))
                                                                + GENERATED + dump_yaml(manifest)).encode())
+    for name, builds in plan.builds.items():
+        data = {"name": name, "builds": [build.to_dict() for build in builds]}
+        files[layout.build_file(name)] = mask((schema_line("build", layout.build_file(name)) + GENERATED
+                                               + dump_yaml(data)).encode())
+    for name, build in plan.built:
+        try:
+            log = capped_log(storage.root / layout.build_log_path(name, build.source), config.log_head,
+                             config.log_tail, mask, overlap)
+        except StorageError as exc:
+            log = f"[winslow: the build log could not be read: {exc}]\n".encode()
+        files[layout.build_log(name, build.source)] = mask(log)
     return files
 
 

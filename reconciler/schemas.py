@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
     from referencing import Registry
 
-KINDS = ("winslow", "pipeline", "project", "status", "pipeline-lock", "result", "node")
+KINDS = ("winslow", "pipeline", "project", "status", "pipeline-lock", "result", "node", "build")
 SCHEMA_URL = "https://winslow.dev/schema/{kind}.schema.json"
 
 

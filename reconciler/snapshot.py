@@ -10,7 +10,7 @@ from functools import cached_property
 
 from reconciler import layout
 from reconciler.errors import Problem
-from reconciler.model import ClusterConfig, Pipeline, Project, Run, Status
+from reconciler.model import Build, ClusterConfig, Pipeline, Project, Run, Status
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class Snapshot:
     files: int = 0
     pipeline_problems: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)
     held_config: HeldConfig | None = None  # winslow.yaml is invalid: `config` is an earlier valid version's
+    image_sources: Mapping[str, str] = field(default_factory=dict)  # images/NAME/ (with a Dockerfile) -> content id
+    builds: Mapping[str, tuple[Build, ...]] = field(default_factory=dict)  # builds/NAME.yaml
     # Read as the difference from the snapshot of commit `base`: the projects read again (the rest are the
     # same objects). None when it was read whole.
     base: str | None = field(default=None, compare=False)

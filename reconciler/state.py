@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import json
 import os
 import stat
@@ -19,9 +20,17 @@ from typing import Any, Protocol
 
 from reconciler import layout
 from reconciler.errors import InvalidFile, Problem
-from reconciler.model import ClusterConfig, Pipeline, Project, Status
+from reconciler.model import Build, ClusterConfig, Pipeline, Project, Status
 from reconciler.snapshot import HeldConfig, ProjectEntry, Snapshot
-from reconciler.validation import read_config, read_lock, read_pipeline, read_project, read_result, read_status
+from reconciler.validation import (
+    read_builds,
+    read_config,
+    read_lock,
+    read_pipeline,
+    read_project,
+    read_result,
+    read_status,
+)
 from reconciler.yamlsafe import MAX_FILE_BYTES, Document, parse_yaml
 
 # Earlier versions of winslow.yaml before a commit, newest first: (commit, its bytes, or None where it was absent).
@@ -47,7 +56,7 @@ class DirectoryTree:
         config = self.root / layout.CONFIG
         if config.is_file():
             found[layout.CONFIG] = _stamp(os.lstat(config))
-        for top in (layout.PIPELINES, layout.PROJECTS):
+        for top in (layout.PIPELINES, layout.PROJECTS, layout.IMAGES, layout.BUILDS):
             folders = [(top, 1)]
             while folders:  # top-down, like os.walk, without following links into folders
                 folder, depth = folders.pop()
@@ -171,7 +180,8 @@ class StateReader:
                 return last
             if (changed is not None and last is not None and last.commit is not None
                     and last.commit == getattr(tree, "base", None) and not self.include_results
-                    and not any(p == layout.CONFIG or p.startswith(layout.PIPELINES + "/") for p in changed)):
+                    and not any(p == layout.CONFIG or p.startswith((layout.PIPELINES + "/", layout.IMAGES + "/",
+                                                                    layout.BUILDS + "/")) for p in changed)):
                 self.last = self._read_changes(tree, commit, last, changed)
             else:
                 self.last = self._read(tree, commit)
@@ -205,8 +215,17 @@ class StateReader:
             del self._cache[stale]
         for stale_path in [path for path in self._meaning if path not in entries]:
             del self._meaning[stale_path]
+        sources = image_sources(entries)
+        self._general += _unknown_images(tree, pipelines, sources)
+        builds: dict[str, tuple[Build, ...]] = {}
+        for path in sorted(p for p in entries if p.startswith(layout.BUILDS + "/") and p.endswith(".yaml")
+                           and p.count("/") == 1):
+            parsed = self._parse(tree, path, entries[path], "build", read_builds)
+            self._general += parsed.problems
+            if parsed.value is not None:
+                builds[path[len(layout.BUILDS) + 1:-len(".yaml")]] = parsed.value
         return Snapshot(commit, config, pipelines, projects, self._problems(), len(entries), pipeline_problems,
-                        held_config=held)
+                        held_config=held, image_sources=sources, builds=builds)
 
     def _held_config(self, key: str, problems: list[Problem], commit: str | None) -> tuple[HeldConfig, ClusterConfig]:
         """The settings in force while winslow.yaml is invalid: those of its last valid version, never looser
@@ -260,7 +279,8 @@ class StateReader:
         if added:  # every node must see projects in the same order: placement goes by it
             projects = dict(sorted(projects.items()))
         return Snapshot(commit, last.config, last.pipelines, projects, self._problems(), len(entries),
-                        last.pipeline_problems, last.held_config, base=last.commit, changed=frozenset(affected))
+                        last.pipeline_problems, last.held_config, last.image_sources, last.builds, base=last.commit,
+                        changed=frozenset(affected))
 
     def _problems(self) -> tuple[Problem, ...]:
         found = list(self._general) + list(self._misplaced.values())
@@ -347,7 +367,7 @@ class StateReader:
         return meaning
 
 
-_KINDS = ("winslow", "pipeline", "status", "pipeline-lock", "result")
+_KINDS = ("winslow", "pipeline", "status", "pipeline-lock", "result", "build")
 
 
 def _pipeline_key(name: str | None, entries: Mapping[str, str], pipelines: Mapping[str, Pipeline | None]) -> object:
@@ -392,6 +412,38 @@ def _misplaced(entries: Iterable[str]) -> list[Problem]:
         elif path.startswith(layout.PROJECTS + "/") and path.count("/") == 1:
             problems.append(Problem(path, 1, 1, f"not read: a project is a folder with a project.yaml "
                                                 f"(move it to projects/{stem}/project.yaml)"))
+    return problems
+
+
+def image_sources(entries: Mapping[str, str]) -> dict[str, str]:
+    """images/NAME/ -> its content id: a hash of its files' paths and blob ids, the same on every node that reads
+    the same commit. Only a folder with a Dockerfile is an image."""
+    grouped: dict[str, list[str]] = {}
+    for path in entries:
+        name = layout.image_of(path)
+        if name is not None and layout.is_image_name(name):
+            grouped.setdefault(name, []).append(path)
+    return {name: hashlib.sha256("".join(f"{path}\0{entries[path]}\n" for path in sorted(paths)).encode()).hexdigest()[:24]
+            for name, paths in sorted(grouped.items()) if f"{layout.image_dir(name)}/Dockerfile" in entries}
+
+
+def _unknown_images(tree: Tree, pipelines: Mapping[str, Pipeline | None], sources: Mapping[str, str]) -> list[Problem]:
+    """A stage that builds from an image folder main does not have, said at its line of the pipeline file."""
+    problems = []
+    for stem, pipeline in pipelines.items():
+        missing = [name for name in pipeline.builds if name not in sources] if pipeline else []
+        if not missing:
+            continue
+        path = f"{layout.PIPELINES}/{stem}.yaml"
+        try:
+            lines = tree.read(path).decode(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for name in missing:
+            line = next((n for n, text in enumerate(lines, 1) if "build" in text and name in text), 1)
+            column = lines[line - 1].find(name) + 1 if line <= len(lines) else 1
+            problems.append(Problem(path, line, max(1, column), f"image '{name}' is built from {layout.image_dir(name)}/, "
+                                                   f"which has no Dockerfile on this branch"))
     return problems
 
 

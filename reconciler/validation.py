@@ -11,7 +11,7 @@ from typing import Any
 
 from reconciler.errors import Problem
 from reconciler.layout import escapes, in_workspaces_of, is_safe_id, workspace_prefix
-from reconciler.model import VAR, ClusterConfig, Pipeline, Project, Run, Status, fill
+from reconciler.model import VAR, Build, ClusterConfig, Pipeline, Project, Run, Status, fill
 from reconciler.schemas import check
 from reconciler.units import parse_duration, parse_size
 from reconciler.yamlsafe import Document, shorten
@@ -236,6 +236,14 @@ def _filled_inputs(doc: Document, pipeline: Pipeline, env: Mapping[str, Any]) ->
                 problems.append(doc.problem(("env",), f"input '{shorten(filled)}' of stage '{stage.name}' leaves "
                                                       f"the resource pool"))
     return problems
+
+
+def read_builds(doc: Document) -> tuple[tuple[Build, ...] | None, list[Problem]]:
+    """builds/NAME.yaml: the builds the nodes recorded."""
+    problems = check(doc, "build")
+    if problems:
+        return None, problems
+    return tuple(Build.from_dict(item) for item in doc.data["builds"]), []
 
 
 def read_status(doc: Document, project_id: str) -> tuple[Status | None, list[Problem]]:

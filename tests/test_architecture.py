@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # What the pure decision may bring along: plain data and pure functions only.
-PURE = {"reconciler", "reconciler.clock", "reconciler.decide", "reconciler.errors", "reconciler.facts",
+PURE = {"reconciler", "reconciler.buildplan", "reconciler.clock", "reconciler.decide", "reconciler.errors", "reconciler.facts",
         "reconciler.layout", "reconciler.model", "reconciler.placement", "reconciler.progress",
         "reconciler.snapshot", "reconciler.units"}
 # Modules that do I/O of any kind; none of them may come with the pure decision.
