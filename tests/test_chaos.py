@@ -72,17 +72,18 @@ class Copies(threading.Thread):
         self.halt = threading.Event()
 
     def pids(self) -> list[int]:
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
+        """One pid per copy: the shell's own `$(date ...)` subshells (forks with the same command line) are left out."""
+        found: dict[int, int] = {}  # pid -> parent pid
+        for proc in psutil.process_iter(["cmdline", "ppid"]):
             cmdline = proc.info["cmdline"] or []
             if cmdline[:2] != ["sh", "-c"] or "$MARKS" not in (cmdline[2:3] or [""])[0]:
                 continue
             try:
                 if proc.environ().get("MARKS") == self.marks:
-                    found.append(proc.pid)
+                    found[proc.pid] = proc.info["ppid"]
             except psutil.Error:
                 continue
-        return found
+        return [pid for pid, parent in found.items() if parent not in found]
 
     def run(self) -> None:
         while not self.halt.wait(0.1):
