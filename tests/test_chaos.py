@@ -163,6 +163,7 @@ def faults_in_a_row(tmp_path: Path, fault: signal.Signals, trials: int) -> None:
                           "projects/p/project.yaml": project(marks)}, "p")
     copies = Copies(marks)
     ended, began = [], []
+    restarted: dict[str, str | None] = {}  # killed node -> its branch's tip when it was struck
     try:
         copies.start()
         for trial in range(trials):
@@ -177,14 +178,17 @@ def faults_in_a_row(tmp_path: Path, fault: signal.Signals, trials: int) -> None:
             run, (first, _) = started_after(marks, known, NODE_TIMEOUT_S + 10)
             began.append(first - struck)
             if fault == signal.SIGKILL:
-                cluster.start(victim)
+                cluster.start(victim)  # it rejoins while the next fault is dealt to the node that took over
+                restarted[victim] = tip
             else:
                 time.sleep(1)
                 cluster.nodes[victim].signal(signal.SIGCONT)  # it thaws: it must not publish its stale run
-            cluster.rejoined(victim, tip)
+                cluster.rejoined(victim, tip)
             ended.append(spans(marks)[struck_run][1] - struck)
             print(f"{fault.name} {trial + 1}: {victim} struck; {struck_run} ended after {ended[-1]:.1f}s; "
                   f"{run} began after {began[-1]:.1f}s")
+        for name, tip in restarted.items():
+            cluster.rejoined(name, tip)
     finally:
         copies.end()
         cluster.close()
