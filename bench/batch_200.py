@@ -13,7 +13,10 @@ projects at once. Measured from the push until every project is SUCCEEDED on the
   process, 10 at a time): the floor;
 - slot use: the stages' summed run time over (wall time x 10 slots);
 - status.yaml writes per stage run: the commits on main that changed each project's
-  status, divided by the stages run (the target is at most 3: claim, start, end).
+  status, divided by the stages run (the target is at most 3: claim, start, end);
+- git history per stage run: the nodes' commits on main per stage run, and the bytes their
+  objects take in the remote's pack after `git gc` (the git server's own housekeeping),
+  logs aside and logs alone.
 
 Everything it creates (a temp folder, the node processes, their stages) goes at the end.
 """
@@ -75,6 +78,20 @@ def plain_loop(executor: str, count: int, duration: float) -> float:
     return time.monotonic() - began
 
 
+def history_bytes(remote: Path, base: str) -> tuple[int, int]:
+    """(all, logs): bytes in the remote's pack, after `git gc`, of the objects the nodes' commits on main added
+    after `base` (the user's commit), and of the log blobs among them."""
+    git(remote, "gc", "-q")
+    listed = [line.split(" ", 1) for line in git(remote, "rev-list", "--objects", f"{base}..main").splitlines()]
+    sizes = subprocess.run(["git", "cat-file", "--batch-check=%(objectname) %(objectsize:disk)"], cwd=remote,
+                           input="\n".join(parts[0] for parts in listed) + "\n", capture_output=True, text=True,
+                           env=ENV, check=True).stdout
+    size = {name: int(disk) for name, disk in (line.split() for line in sizes.splitlines())}
+    total = sum(size.get(parts[0], 0) for parts in listed)
+    logs = sum(size.get(parts[0], 0) for parts in listed if len(parts) > 1 and "/logs/" in parts[1])
+    return total, logs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executor", choices=("docker", "process"), default="docker")
@@ -134,6 +151,7 @@ def main() -> int:
         commits = int(git(remote, "rev-list", "--count", "main")) - before
         writes = len(git(remote, "log", "--format=", "--name-only", f"HEAD~{commits}..main", "--",
                          "projects/*/status.yaml").split())
+        packed, logs = history_bytes(remote, git(clone, "rev-parse", "HEAD").strip())
         floor = plain_loop(args.executor, args.projects, args.seconds)
         print(f"machine: {os.cpu_count()} cores; executor {args.executor}; {NODES} nodes, {SLOTS} slots; "
               f"{args.projects} projects of one {args.seconds:g} s stage")
@@ -144,6 +162,9 @@ def main() -> int:
         print(f"{'slots busy':<40}{100 * busy / (wall * SLOTS):8.0f} %")
         print(f"{'commits on main':<40}{commits:8d}")
         print(f"{'status.yaml writes per stage run':<40}{writes / max(1, len(runs)):8.1f}")
+        print(f"{'commits on main per stage run':<40}{commits / max(1, len(runs)):8.2f}")
+        print(f"{'packed bytes per stage run, logs aside':<40}{(packed - logs) / max(1, len(runs)):8.0f}")
+        print(f"{'packed bytes per stage run, logs':<40}{logs / max(1, len(runs)):8.0f}")
         return 0 if len(done) == args.projects else 1
     finally:
         for node in nodes:

@@ -56,7 +56,7 @@ for name in sys.argv[1:]:
 PROJECT = "pipeline: big\nrun: {{request: {request}}}\n"
 
 
-def pipeline(size_mib: int) -> str:
+def pipeline(size_mib: int, image: str = "none") -> str:
     """Stage `write` leaves size_mib MiB (a multiple of 4) in files of at most 1 GiB; stage `next` does nothing."""
     parts, left, i = [], size_mib, 0
     while left > 0:
@@ -66,8 +66,8 @@ def pipeline(size_mib: int) -> str:
         i += 1
     script = " && ".join(parts) or "true"
     return ("name: big\nstages:\n"
-            f"  - name: write\n    image: none\n    command: [sh, -c, '{script}']\n"
-            "  - name: next\n    image: none\n    command: ['true']\n")
+            f"  - name: write\n    image: {image}\n    command: [sh, -c, '{script}']\n"
+            f"  - name: next\n    image: {image}\n    command: ['true']\n")
 
 
 class Bench:
@@ -110,7 +110,8 @@ class Bench:
             sys.exit(f"winslow init failed: {made.stderr.strip()}")
         size_mib = max(4, int(round(self.args.size_gb * 256)) * 4)
         (self.clone / "pipelines").mkdir(exist_ok=True)
-        (self.clone / "pipelines/big.yaml").write_text(pipeline(size_mib))
+        image = self.args.image if self.args.executor == "docker" else "none"
+        (self.clone / "pipelines/big.yaml").write_text(pipeline(size_mib, image))
         self.git("add", "-A")
         self.git("commit", "-qm", "bench pipeline")
         self.git("push", "-q", "origin", "main")
@@ -118,7 +119,7 @@ class Bench:
     def start_node(self) -> None:
         log = open(self.node_log, "wb")
         self.node = subprocess.Popen([sys.executable, "-m", "reconciler", "node", "--repo", str(self.remote),
-                                      "--storage", str(self.storage), "--name", "bench", "--executor", "process",
+                                      "--storage", str(self.storage), "--name", "bench", "--executor", self.args.executor,
                                       "--work", str(self.root / "work")],
                                      stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root)
         log.close()
@@ -280,6 +281,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=5.0, help="size of the workspace stage 1 leaves (GiB)")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--executor", choices=("process", "docker"), default="process",
+                        help="docker: both stages are containers (--image); the figure is then exit to container running")
+    parser.add_argument("--image", default="winslow-test/busybox:1", help="the stages' image with --executor docker")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder, the workspaces and the node log")
     parser.add_argument("--source", type=Path, default=HERE, help="checkout whose reconciler the node runs")
     parser.add_argument("--tmp", type=Path, default=None, help="where the temp folder goes (default: $TMPDIR or /tmp)")
