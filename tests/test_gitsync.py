@@ -114,3 +114,37 @@ def test_a_mirror_of_a_network_remote_keeps_its_own_objects(tmp_path: Path) -> N
     far.open()
     assert not (far.path / "objects" / "info" / "alternates").exists()
     far.close()
+
+
+def _remote_fsck(remote: Path) -> None:
+    fsck = subprocess.run(["git", "--git-dir", str(remote), "fsck", "--strict", "--no-dangling"], capture_output=True,
+                          text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_a_same_disk_remote_is_moved_by_compare_and_swap_with_every_object_it_needs(mirror: Mirror,
+                                                                                   tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    tip = mirror.reader.resolve(ORIGIN_MAIN)
+    first = mirror.commit(tip, {"projects/p/status.yaml": b"state: IDLE\n", "projects/p/logs/1-a-1.log": b"x\n"}, "1")
+    second = mirror.commit(tip, {"projects/q/status.yaml": b"state: IDLE\n"}, "2, on the same parent")
+    mirror.push_main(first)
+    assert mirror._direct_pushes == 1  # no `git push`: its objects copied, main swapped under git's lock
+    with pytest.raises(PushRejected):
+        mirror.push_main(second)
+    assert subprocess.run(["git", "--git-dir", str(remote), "rev-parse", "main"], capture_output=True,
+                          text=True).stdout.strip() == first
+    _remote_fsck(remote)  # the remote holds every object main needs, on its own
+
+
+def test_a_remote_with_hooks_gets_a_real_push_so_that_its_hooks_run(mirror: Mirror, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    hook = remote / "hooks" / "post-receive"
+    hook.write_text(f"#!/bin/sh\ncat >> {tmp_path / 'received'}\n")
+    hook.chmod(0o755)
+    tip = mirror.reader.resolve(ORIGIN_MAIN)
+    commit = mirror.commit(tip, {"a.txt": b"1\n"}, "first")
+    mirror.push_main(commit)
+    assert mirror._direct_pushes == 0
+    assert commit in (tmp_path / "received").read_text()
+    _remote_fsck(remote)
