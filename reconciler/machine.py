@@ -101,6 +101,10 @@ class Nvml:
                 log.warning("cannot read GPU %d through NVML: %s", index, exc)
         return found
 
+    def host(self) -> dict[str, int]:
+        """The CPUs and memory (bytes) of the machine these GPUs are in: this one (a Slurm node's is its partition)."""
+        return {"cpus": psutil.cpu_count() or 1, "memory": int(psutil.virtual_memory().total)}
+
     def load(self) -> list[dict[str, Any]]:
         """Each GPU's utilisation (percent), memory used (bytes) and temperature (°C); missing values left out."""
         sensor = getattr(self._lib, "NVML_TEMPERATURE_GPU", 0)
@@ -125,11 +129,7 @@ class Nvml:
 def read_capacity(nvml: Nvml | None = None) -> dict[str, Any]:
     """This node's CPUs, memory (bytes) and GPUs, as the heartbeat's `capacity`."""
     nvml = nvml if nvml is not None else Nvml()
-    return {
-        "cpus": psutil.cpu_count() or 1,
-        "memory": int(psutil.virtual_memory().total),
-        "gpus": nvml.devices(),
-    }
+    return {**nvml.host(), "gpus": nvml.devices()}
 
 
 class LoadSampler:

@@ -408,12 +408,36 @@ class Status:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """Where a Slurm node (`winslow node --executor slurm`) submits its jobs; None: Slurm's own default."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    flags: tuple[str, ...] = ()  # more sbatch options, each one argument (`--exclusive`, `--reservation=lab`)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SlurmSettings:
+        data = data or {}
+        return cls(partition=data.get("partition"), account=data.get("account"), qos=data.get("qos"),
+                   flags=tuple(data.get("flags", ())))
+
+    def over(self, below: SlurmSettings | None) -> SlurmSettings:
+        """These settings (the node's flags), each one that is set, on top of `below` (winslow.yaml's)."""
+        if below is None:
+            return self
+        return SlurmSettings(partition=self.partition or below.partition, account=self.account or below.account,
+                             qos=self.qos or below.qos, flags=self.flags or below.flags)
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """What people decide about a node in winslow.yaml."""
 
     drain: bool = False
     reserved_gpus: tuple[int, ...] = ()
     tags: tuple[str, ...] = ()
+    slurm: SlurmSettings | None = None  # for a node whose executor is slurm
 
 
 @dataclass(frozen=True)
@@ -452,7 +476,8 @@ class ClusterConfig:
             live_tail=parse_size(logs.get("live_tail", default.live_tail)),
             nodes={name: NodeSettings(drain=bool(s.get("drain", False)),
                                       reserved_gpus=tuple(s.get("reserved_gpus", ())),
-                                      tags=tuple(s.get("tags", ())))
+                                      tags=tuple(s.get("tags", ())),
+                                      slurm=SlurmSettings.from_dict(s["slurm"]) if "slurm" in s else None)
                    for name, s in data.get("nodes", {}).items()},
             merge_request_url=data.get("viewer", {}).get("merge_request_url"),
             registry=data.get("images", {}).get("registry"),

@@ -12,7 +12,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,8 @@ from reconciler.buildplan import BUILDS_PROJECT, BUILT, BuildClaim
 from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
-from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, cluster_id
+from reconciler.executors import LOST_REASON, make_executor
+from reconciler.executors.base import ExitInfo, LaunchSpec
 from reconciler.facts import EXITED, LISTED, STARTED, Fact
 from reconciler.fencing import FENCED, LEASE_FILE, Fence
 from reconciler.gitsync import Mirror
@@ -34,7 +34,7 @@ from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.memory import DecisionMemory, Inputs
 from reconciler.metrics import NodeMetrics
-from reconciler.model import ClusterConfig, ProjectState, RunState
+from reconciler.model import ClusterConfig, ProjectState, RunState, SlurmSettings
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
@@ -82,14 +82,8 @@ class NodeOptions:
     node_timeout: float | None = None
     lease: float | None = None
     poll: float | None = None
-
-
-def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], work: Path, repo: str) -> Executor:
-    if kind == "docker":
-        from reconciler.executors.docker import DockerExecutor
-        return DockerExecutor(name, on_exit, cluster=cluster_id(repo), work=work)
-    from reconciler.executors.process import ProcessExecutor
-    return ProcessExecutor(name, on_exit, work / "processes", lease_file=work / LEASE_FILE)
+    slurm: SlurmSettings = SlurmSettings()  # --slurm-* flags, over winslow.yaml's nodes.<name>.slurm
+    slurm_container: str | None = None  # --slurm-container: "docker" runs the stage's image inside the job
 
 
 def _only_starts(plan: Plan, held: set[tuple[str, str, str]]) -> bool:
@@ -136,13 +130,15 @@ class Node:
         self.secrets = SecretStore(options.secrets, options.name)
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo)
-        self.liveness = Liveness(self.name)
         self.settings = Settings({"heartbeat": options.heartbeat, "node_timeout": options.node_timeout,
                                   "lease": options.lease, "poll": options.poll})
+        self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo,
+                                      slurm=self._slurm_settings, container=options.slurm_container)
+        self.liveness = Liveness(self.name)
         self.fence = Fence()
         self.heartbeat = Heartbeat(self.name, self.repo, self.settings, self.fence, self, self.executor.name,
-                                   options.tags, lease_file=options.work / LEASE_FILE)
+                                   options.tags, nvml=getattr(self.executor, "machine", None),  # a Slurm partition's
+                                   lease_file=options.work / LEASE_FILE)
         self.hashes = HashCache(options.work / "hashes.jsonl")
         self.lister = Lister(options.work / "to-list", self._manifest, self.journal, self.wake)
         self.watcher: RemoteWatcher | None = None
@@ -167,6 +163,11 @@ class Node:
         self.cycles = 0
         self.metrics = NodeMetrics(self)  # served by `winslow node --metrics-port`
 
+    def _slurm_settings(self) -> SlurmSettings:
+        """Where a Slurm node submits now: its flags over winslow.yaml's settings for it."""
+        own = self.settings.current.nodes.get(self.name)
+        return self.options.slurm.over(own.slurm if own else None)
+
     @property
     def storage(self) -> LocalStorage:
         if self._storage is None:
@@ -178,8 +179,10 @@ class Node:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
         # Ended by fencing, here or by its supervisor while this node was frozen: the node's failure, not the program's.
         info = replace(info, reason=self._masked(info.reason)) if info.reason else info
-        lost = (self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith(FENCED)
+        lost = (self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith((FENCED, LOST_REASON))
                 or self._machine_failures.pop((info.project, info.run_id), None) is not None)
+        if info.reason and info.reason.startswith(LOST_REASON):  # an executor's word for it: the state says LOST
+            info = replace(info, reason=info.reason.removeprefix(LOST_REASON))
         self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
         self.journal.record(Fact(EXITED, info.project, info.run_id, info.finished, info.exit_code, info.reason,
                                  lost=lost))
@@ -615,7 +618,8 @@ class Node:
                 workspace_dir=self.storage.workspace(claim.project, run.id),
                 input_dir=self.storage.inside(run.input) if run.input else None,
                 log_path=self.storage.log_path(claim.project, run.id), gpus=run.gpus, cpus=stage.resources.cpus,
-                memory=stage.resources.memory, timeout=stage.timeout, secrets=self.secrets.get(stage.secrets))
+                memory=stage.resources.memory, timeout=stage.timeout, secrets=self.secrets.get(stage.secrets),
+                node_tags=stage.node_tags)
             if spec.workspace_dir.is_dir() and any(spec.workspace_dir.iterdir()):
                 # A run id names one attempt forever; files here are another run's (a project deleted and
                 # created again before the nodes cleaned its storage up). They are never mixed into this one.

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from reconciler.errors import ConfigError
+from reconciler.model import SlurmSettings
 from reconciler.units import parse_duration
 
 
@@ -24,8 +25,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--storage", type=Path, help="storage root, a local folder or shared mount (default: storage.root "
                                                      "in winslow.yaml)")
     parser.add_argument("--name", default=socket.gethostname().split(".")[0], help="node name (default: host name)")
-    parser.add_argument("--executor", choices=("docker", "process"), default="docker",
-                        help="run stages as Docker containers (default) or as host processes")
+    parser.add_argument("--executor", choices=("docker", "process", "slurm"), default="docker",
+                        help="run stages as Docker containers (default), as host processes, or as Slurm jobs "
+                             "(on a cluster's login node; docs/slurm.md)")
+    slurm = parser.add_argument_group("Slurm (--executor slurm)", "Where the jobs go; each flag overrides the "
+                                      "node's slurm: settings in winslow.yaml.")
+    slurm.add_argument("--slurm-partition", metavar="NAME", help="partition of the jobs, whose CPUs, memory and GPUs "
+                                                                   "the node reports (default: the cluster's default)")
+    slurm.add_argument("--slurm-account", metavar="NAME", help="account the jobs are charged to")
+    slurm.add_argument("--slurm-qos", metavar="NAME", help="quality of service of the jobs")
+    slurm.add_argument("--slurm-flag", action="append", default=[], metavar="OPTION",
+                       help="one more sbatch option, e.g. --slurm-flag=--exclusive (repeatable)")
+    slurm.add_argument("--slurm-container", choices=("docker",),
+                       help="run the stage's image with `docker run` inside the job (the compute nodes need Docker); "
+                            "default: run its command directly")
     parser.add_argument("--work", type=Path, help="node's own folder: repo mirror, journal (default: "
                                                   "$XDG_STATE_HOME/winslow/NAME)")
     parser.add_argument("--secrets", type=Path, help="folder with one file per secret (name = file name)")
@@ -67,11 +80,18 @@ def run(args: argparse.Namespace) -> int:
         work=(args.work or default_work(args.name)).resolve(),
         executor=args.executor, secrets=args.secrets, tags=tuple(args.tag),
         heartbeat=_seconds(args.heartbeat, "--heartbeat"), node_timeout=_seconds(args.node_timeout, "--node-timeout"),
-        lease=_seconds(args.lease, "--lease"), poll=_seconds(args.poll, "--poll"))
+        lease=_seconds(args.lease, "--lease"), poll=_seconds(args.poll, "--poll"),
+        slurm=SlurmSettings(partition=args.slurm_partition, account=args.slurm_account, qos=args.slurm_qos,
+                            flags=tuple(args.slurm_flag)),
+        slurm_container=args.slurm_container)
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         raise ConfigError(f"--metrics-port {args.metrics_port}: a port is a number from 0 to 65535")
     if args.executor == "docker":
         _check_docker()
+    if args.executor == "slurm":
+        _check_slurm()
+    elif args.slurm_partition or args.slurm_account or args.slurm_qos or args.slurm_flag or args.slurm_container:
+        raise ConfigError("--slurm-* flags need --executor slurm")
     node = Node(options)
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: node.request_stop("SIGINT"))
@@ -95,3 +115,17 @@ def _check_docker() -> None:
         docker.from_env(timeout=5).ping()
     except Exception as exc:  # noqa: BLE001 - docker-py raises many kinds when no engine answers
         raise ConfigError(f"no Docker engine answers ({type(exc).__name__}); start dockerd or use --executor process") from None
+
+
+def _check_slurm() -> None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise ConfigError("sinfo is not installed: a Slurm node needs Slurm's client commands (apt-get install "
+                          "slurm-client) and a slurm.conf (docs/slurm.md)") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError("no Slurm controller answered sinfo within 30s") from None
+    if done.returncode != 0:
+        raise ConfigError(f"no Slurm controller answers: sinfo: {' '.join(done.stderr.split())}")

@@ -52,6 +52,7 @@ class LaunchSpec:
     memory: int | None = None
     timeout: float | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)
+    node_tags: tuple[str, ...] = ()  # the stage's: a Slurm node turns those that name features into --constraint
 
 
 @dataclass(frozen=True)
