@@ -49,10 +49,11 @@ def spans(marks: Path) -> dict[str, tuple[float, float]]:
     return found
 
 
-def running(remote: StateRemote, project: str = "p") -> tuple[str, str] | None:
-    """(node, run) of the project's run that has started and is RUNNING, if any."""
+def running(remote: StateRemote, project: str = "p", started: bool = True) -> tuple[str, str] | None:
+    """(node, run) of the project's RUNNING run, if any: one whose start is on record, or (`started=False`) one
+    that is claimed (its start may wait a few seconds to share a commit; its marks say it runs)."""
     runs = remote.status(project).get("runs") or []
-    live = [r for r in runs if r["state"] == "RUNNING" and r.get("started")]
+    live = [r for r in runs if r["state"] == "RUNNING" and (r.get("started") or not started)]
     return (live[-1]["node"], live[-1]["id"]) if live else None
 
 
@@ -167,7 +168,7 @@ def faults_in_a_row(tmp_path: Path, fault: signal.Signals, trials: int) -> None:
     try:
         copies.start()
         for trial in range(trials):
-            held = wait_for(lambda: running(cluster.remote), 40, "the stage to run on a node")
+            held = wait_for(lambda: running(cluster.remote, started=False), 40, "the stage to be claimed by a node")
             assert isinstance(held, tuple)
             victim, struck_run = held
             wait_for(lambda run=struck_run: run in spans(marks), 10, "the stage's marks")
