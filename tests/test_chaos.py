@@ -191,8 +191,10 @@ def faults_in_a_row(tmp_path: Path, fault: signal.Signals, trials: int) -> None:
         for name, tip in restarted.items():
             cluster.rejoined(name, tip)
     finally:
-        copies.end()
-        cluster.close()
+        try:
+            copies.end()
+        finally:
+            cluster.close()
     found = spans(marks)
     ordered = sorted(found.items(), key=lambda item: item[1][0])
     both = [f"{a} and {b}" for (a, (_, end)), (b, (start, _)) in zip(ordered, ordered[1:]) if start <= end]
@@ -237,8 +239,10 @@ def test_a_node_cut_off_alone_stops_its_stage_before_the_retry_starts_elsewhere(
         cluster.rejoined(victim, tip)
         time.sleep(2)  # time to publish, if it were to publish its stale run
     finally:
-        copies.end()
-        cluster.close()
+        try:
+            copies.end()
+        finally:
+            cluster.close()
     (old, (_, end)), _ = sorted(spans(marks).items(), key=lambda item: item[1][0])[:2]
     print(f"cut off: {old} ended {end - cut:.1f}s after the cut, {run} began {first - cut:.1f}s after it")
     assert end < first, f"two copies alive at once: {old} until {end}, {run} from {first}"
@@ -275,9 +279,11 @@ def test_a_git_outage_of_a_minute_under_three_nodes_restarts_nothing(tmp_path: P
                               for p in projects}, "the end")
         wait_for(lambda: all(holder(cluster.remote, p) is None for p in projects), 30, "the stages to be aborted")
     finally:
-        for path in marks.values():
-            Copies(path).end()
-        cluster.close()
+        try:
+            for path in marks.values():
+                Copies(path).end()
+        finally:
+            cluster.close()  # whatever the sampler did: the nodes and the daemon end with the test
     assert runs == {p: [("1-work-1", "RUNNING")] for p in projects}, runs
     for p in projects:
         times = sorted(float(line.split()[1]) for line in marks[p].read_text().splitlines())
