@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from reconciler import layout
 from reconciler.buildplan import BUILDS_PROJECT, BuildClaim, blocked, digest, plan_builds
 from reconciler.clock import add_seconds, seconds_between
-from reconciler.facts import EXITED, LISTED, STARTED, Fact
+from reconciler.facts import EXITED, LISTED, QUEUED, STARTED, Fact
 from reconciler.model import (
+    QUEUED_IN,
     SECRET_MASK,
     Build,
     Desired,
@@ -260,7 +261,7 @@ def _project(cycle: _Cycle, entry: ProjectEntry, facts: list[Fact], unreadable: 
         return Outcome(entry.id)
     if unreadable:
         # Reading it as "never started" would run every stage again: leave it for a person.
-        return Outcome(entry.id, settled=frozenset(f.key for f in facts if f.kind == STARTED))
+        return Outcome(entry.id, settled=frozenset(f.key for f in facts if f.kind in (QUEUED, STARTED)))
     reported = _apply_facts(entry.id, entry.status, facts, cycle.now)
     status = reported.status or entry.status
     # Any node marks a lost node's runs: recovery must not wait on one node (the push is a compare-and-swap).
@@ -285,12 +286,12 @@ def _project(cycle: _Cycle, entry: ProjectEntry, facts: list[Fact], unreadable: 
 
 
 def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -> Outcome:
-    """Fold this node's journal facts into status: started, then exited, then listed (the result manifest)."""
-    order = {STARTED: 0, EXITED: 1, LISTED: 2}
+    """Fold this node's journal facts into status: queued, started, exited, then listed (the result manifest)."""
+    order = {QUEUED: 0, STARTED: 1, EXITED: 2, LISTED: 3}
     finished: list[tuple[Run, Fact]] = []
     settled: set[FactKey] = set()
     notes: list[str] = []
-    for fact in sorted(facts, key=lambda f: order.get(f.kind, 3)):
+    for fact in sorted(facts, key=lambda f: (order.get(f.kind, 4), f.time if f.kind == QUEUED else "")):
         run = status.run(fact.run_id)
         if fact.kind == LISTED:
             if run is not None and run.state is RunState.RUNNING:
@@ -304,6 +305,12 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -
         settled.add(fact.key)
         if run is None or run.state is not RunState.RUNNING:
             continue  # already recorded, or marked LOST by another node: publish nothing from it
+        read = tuple(InputFile.from_dict(f) for f in fact.inputs) or run.inputs  # recorded by whichever came first
+        if fact.kind == QUEUED:
+            if run.started is None and fact.reason and _news_of_queue(run, fact):
+                status = status.with_run(run.with_event(fact.time, fact.reason, inputs=read))
+                notes.append(f"{project_id}: {run.stage} {fact.reason}")
+            continue
         if fact.kind == STARTED:
             if run.started is None:
                 digest = f" ({fact.image_digest[:19]})" if fact.image_digest else ""
@@ -311,7 +318,7 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -
                     run = run.with_event(fact.time, fact.pulled)
                 status = status.with_run(run.with_event(fact.time, f"started{digest}",
                                                         started=fact.time, image_digest=fact.image_digest,
-                                                        inputs=tuple(InputFile.from_dict(f) for f in fact.inputs)))
+                                                        inputs=read))
                 notes.append(f"{project_id}: {run.stage} started on {run.node}")
             continue
         run = _ended(project_id, run, fact)
@@ -320,6 +327,14 @@ def _apply_facts(project_id: str, status: Status, facts: list[Fact], now: str) -
         notes.append(f"{project_id}: {run.stage} -> {run.state.value}")
     changed = status if (finished or notes) else None
     return Outcome(project_id, status=changed, finished=tuple(finished), settled=frozenset(settled), notes=tuple(notes))
+
+
+def _news_of_queue(run: Run, fact: Fact) -> bool:
+    """A QUEUED fact says something the run's events do not: a reason other than its last, and no older than it."""
+    if run.queued == fact.reason:
+        return False
+    last = next((e for e in reversed(run.events) if e.message.startswith(QUEUED_IN)), None)
+    return last is None or (seconds_between(last.time, fact.time) or 0.0) > 0.0
 
 
 def _ended(project_id: str, run: Run, fact: Fact) -> Run:
@@ -466,7 +481,9 @@ def _continue(cycle: _Cycle, entry: ProjectEntry, project: Project, status: Stat
                                              message=spec.reason or "aborted by request"))
     if status.active:
         paused = " (pausing after it)" if spec.state is Desired.PAUSED else ""
-        return Outcome(entry.id, replace(status, state=ProjectState.RUNNING, message=here.message + paused))
+        # Claimed and waiting in its executor's queue (a Slurm job PENDING) is PENDING, with the queue's reason.
+        state = ProjectState.PENDING if here.state is ProjectState.PENDING else ProjectState.RUNNING
+        return Outcome(entry.id, replace(status, state=state, message=here.message + paused))
     if here.state is ProjectState.WAITING:
         return _waiting(cycle, entry, status, pipeline, here)
     if here.next is None:

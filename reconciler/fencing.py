@@ -30,6 +30,27 @@ def write_lease(path: Path, expires: float) -> None:
     os.replace(temp, path)
 
 
+def write_shared_lease(path: Path, expires: float) -> None:
+    """The same, on shared storage (NFS) that supervisors on other machines read (a Slurm job's script).
+
+    Rewritten in place, never replaced: a reader on another NFS client may keep a replaced file's
+    name pointing at the old one for a while, while opening the same file again (close-to-open)
+    reads its newest bytes. The line has a fixed width and ends with a newline, so a read that
+    catches a write half-way is seen as incomplete and ignored (the reader keeps the last time).
+    """
+    line = f"{expires:.3f}\n".encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, line, 0)
+        os.ftruncate(fd, len(line))
+    finally:
+        os.close(fd)
+
+
 class Fence:
     def __init__(self) -> None:
         self._lock = threading.Lock()

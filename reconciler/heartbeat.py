@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from reconciler import __version__, layout
 from reconciler.clock import utcnow
 from reconciler.errors import GitError
-from reconciler.fencing import Fence, write_lease
+from reconciler.fencing import Fence, write_lease, write_shared_lease
 from reconciler.gitsync import Mirror
 from reconciler.machine import LoadSampler, Nvml, read_capacity
 from reconciler.model import NodeInfo
@@ -67,6 +67,7 @@ class Heartbeat:
                  lease_file: Path | None = None) -> None:
         self.name = name
         self.lease_file = lease_file  # where the stages' supervisors read until when the lease holds
+        self.shared_lease: Path | None = None  # ... and those on other machines (Slurm jobs), on the shared storage
         self.mirror = mirror
         self.settings = settings
         self.fence = fence
@@ -118,12 +119,14 @@ class Heartbeat:
 
     def renew_lease(self, since: float) -> None:
         """The lease holds for `lease` seconds from `since` (wall clock): tell the stages' supervisors."""
-        if self.lease_file is None:
-            return
-        try:
-            write_lease(self.lease_file, since + self.settings.current.lease)
-        except OSError as exc:
-            log.warning("%s: cannot write the lease file %s: %s", self.name, self.lease_file, exc)
+        expires = since + self.settings.current.lease
+        for path, write in ((self.lease_file, write_lease), (self.shared_lease, write_shared_lease)):
+            if path is None:
+                continue
+            try:
+                write(path, expires)
+            except OSError as exc:
+                log.warning("%s: cannot write the lease file %s: %s", self.name, path, exc)
 
     @property
     def may_claim(self) -> bool:

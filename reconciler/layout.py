@@ -22,7 +22,8 @@ continues a project waiting at a gate).
 
 Storage root: `resources/` (the shared pool), `workspaces/<p>/<run>/` (what a run
 leaves), `logs/<p>/<run>.log` (full stage logs), `logs/.builds/<name>/<source>.log` (full
-build logs).
+build logs), `.winslow/leases/<node>` (until when a node's lease holds, for the supervisors
+of its runs on other machines: a Slurm job's script).
 """
 from __future__ import annotations
 
@@ -166,6 +167,14 @@ def workspace_prefix(project: str) -> str:
 def storage_log(project: str, run_id: str) -> str:
     """A run's full log, relative to the storage root."""
     return f"{STORAGE_LOGS}/{project}/{run_id}.log"
+
+
+STORAGE_OWN = ".winslow"  # Winslow's own records at the storage root: never a user's path
+
+
+def storage_lease(node: str) -> str:
+    """Until when a node's lease holds, relative to the storage root: for its runs' supervisors on other machines."""
+    return f"{STORAGE_OWN}/leases/{node}"
 
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from reconciler import layout
 from reconciler.clock import seconds_between, utcnow
 from reconciler.decide import Plan
-from reconciler.facts import STARTED, Fact
+from reconciler.facts import QUEUED, STARTED, Fact
 from reconciler.model import ClusterConfig
 from reconciler.snapshot import Snapshot
 
@@ -85,15 +85,20 @@ class DecisionMemory:
         self._started[fact.key] = time.monotonic()
 
     def fresh_starts(self, facts: Iterable[Fact]) -> set[FactKey]:
-        """Start facts younger than STARTED_DELAY_S: they wait for the node's next commit, or for the delay.
+        """Start (and queued) facts younger than STARTED_DELAY_S: they wait for the node's next commit, or for the delay.
 
         A short stage's start then lands with its end, and a start with the next claim or
         exit of this node: one status write less per run, a few seconds later at most.
         """
         now = time.monotonic()
-        pending = {f.key for f in facts if f.kind == STARTED}
+        facts = list(facts)
+        pending = {f.key for f in facts if f.kind in (STARTED, QUEUED)}
         self._started = {key: at for key, at in self._started.items() if key in pending}
-        return {key for key, at in self._started.items() if now - at < STARTED_DELAY_S}
+        held = {key for key, at in self._started.items() if now - at < STARTED_DELAY_S}
+        # A run queued in its executor (a Slurm job PENDING) that started meanwhile: its queueing lands with its
+        # start, so the project never shows PENDING for a job that did not wait.
+        starting = {(project, run) for kind, project, run in held if kind == STARTED}
+        return held | {f.key for f in facts if f.kind == QUEUED and (f.project, f.run_id) in starting}
 
     # -- after deciding -------------------------------------------------------------------------
     def remember(self, plan: Plan, snapshot: Snapshot, inputs: Inputs, held: set[FactKey]) -> None:
@@ -104,7 +109,7 @@ class DecisionMemory:
         wait = seconds_between(utcnow(), plan.due) if plan.due else None
         self._due_at = now + max(0.0, wait) if wait is not None else None
         if held:  # decide again once the oldest held start is due on its own
-            oldest = min(self._started[key] for key in held)
+            oldest = min(self._started.get(key, now) for key in held)
             self._due_at = min(self._due_at or float("inf"), oldest + STARTED_DELAY_S)
         # A plan that does something is followed by a cycle on its own commit; only an empty one may be skipped.
         empty = not (plan.commit_needed or plan.claims or plan.stops or plan.resumes or plan.stale_branches)

@@ -256,6 +256,14 @@ class InputFile:
                                   "reason": self.reason}.items() if v is not None}
 
 
+QUEUED_IN = "queued in "  # how the event of a run waiting in its executor's queue begins: "queued in Slurm on hpc: Resources"
+
+
+def queued_event(queue: str, node: str, reason: str | None) -> str:
+    """The event of a claimed run that waits in `queue` on `node` (a Slurm job PENDING), with the queue's reason."""
+    return f"{QUEUED_IN}{queue} on {node}" + (f": {reason}" if reason else "")
+
+
 @dataclass(frozen=True)
 class Run:
     """One attempt of one stage: `<request>-<stage>-<attempt>`."""
@@ -292,6 +300,13 @@ class Run:
     @property
     def done(self) -> bool:
         return self.state is not RunState.RUNNING
+
+    @property
+    def queued(self) -> str | None:
+        """Where and why a claimed run that has not started waits (its last `queued in ...` event); None otherwise."""
+        if self.state is not RunState.RUNNING or self.started is not None:
+            return None
+        return next((e.message for e in reversed(self.events) if e.message.startswith(QUEUED_IN)), None)
 
     def with_event(self, time: str, message: str, **changes: Any) -> Run:
         return replace(self, events=self.events + (Event(time, message),), **changes)

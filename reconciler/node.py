@@ -23,8 +23,8 @@ from reconciler.clock import utcnow
 from reconciler.decide import Claim, Me, Plan, Resume, World, decide
 from reconciler.errors import ConfigError, ExecutorError, GitError, PushRejected, StorageError, WinslowError
 from reconciler.executors import LOST_REASON, make_executor
-from reconciler.executors.base import ExitInfo, LaunchSpec
-from reconciler.facts import EXITED, LISTED, STARTED, Fact
+from reconciler.executors.base import ExitInfo, LaunchSpec, StartInfo
+from reconciler.facts import EXITED, LISTED, QUEUED, STARTED, Fact
 from reconciler.fencing import FENCED, LEASE_FILE, Fence
 from reconciler.gitsync import Mirror
 from reconciler.heartbeat import Heartbeat
@@ -34,7 +34,7 @@ from reconciler.liveness import Liveness
 from reconciler.manifests import HashCache, build_manifest
 from reconciler.memory import DecisionMemory, Inputs
 from reconciler.metrics import NodeMetrics
-from reconciler.model import ClusterConfig, ProjectState, RunState, SlurmSettings
+from reconciler.model import ClusterConfig, ProjectState, RunState, SlurmSettings, queued_event
 from reconciler.report import changes, message
 from reconciler.repoview import RepoView
 from reconciler.resume import prune_branches, push_resume
@@ -134,6 +134,8 @@ class Node:
                                   "lease": options.lease, "poll": options.poll})
         self.executor = make_executor(options.executor, self.name, self._on_exit, options.work, options.repo,
                                       slurm=self._slurm_settings, container=options.slurm_container)
+        self.executor.on_start = self._on_start
+        self._shared_lease: Path | None = None  # the lease on the storage, for supervisors on other machines
         self.liveness = Liveness(self.name)
         self.fence = Fence()
         self.heartbeat = Heartbeat(self.name, self.repo, self.settings, self.fence, self, self.executor.name,
@@ -189,6 +191,30 @@ class Node:
         log.info("%s/%s on %s: exited %s%s", info.project, info.run_id, self.name, info.exit_code,
                  f" ({info.reason})" if info.reason else "", extra=_fields(info.project, info.run_id, self.name, "exited"))
         self.wake.set()
+
+    def _on_start(self, project: str, run_id: str, info: StartInfo) -> None:
+        """A run that waited in its executor's queue (a Slurm job PENDING) waits for a new reason, or has begun."""
+        self._record_start(project, run_id, info)
+        self.wake.set()
+        if info.started is not None:
+            log.info("%s/%s on %s: started (it left the queue)", project, run_id, self.name,
+                     extra=_fields(project, run_id, self.name, "started"))
+
+    def _record_start(self, project: str, run_id: str, info: StartInfo,
+                      inputs: tuple[dict[str, Any], ...] = ()) -> None:
+        """The fact of a start, or of a run queued instead: for the next commit."""
+        if info.started is None:
+            where = queued_event(info.queue or self.executor.name, self.name, info.reason)
+            queued = Fact(QUEUED, project, run_id, utcnow(), reason=self._masked(where), inputs=inputs)
+            self.memory.started(queued)  # held a moment too: a job that starts at once never shows PENDING
+            self.journal.record(queued)
+            log.info("%s/%s on %s: %s", project, run_id, self.name, where,
+                     extra=_fields(project, run_id, self.name, "queued"))
+            return
+        fact = Fact(STARTED, project, run_id, info.started, image_digest=info.image_digest, pulled=info.pulled,
+                    inputs=inputs)
+        self.memory.started(fact)
+        self.journal.record(fact)
 
     def _manifest(self, project: str, run_id: str) -> dict[str, Any]:
         key = layout.workspace(project, run_id)
@@ -281,6 +307,9 @@ class Node:
         if self._storage is None:
             self._storage = LocalStorage(self._storage_from_settings())
         self.storage.prepare()
+        if getattr(self.executor, "shared_lease", False):  # its runs' supervisors (Slurm jobs) run on other machines
+            self._shared_lease = self.storage.root / layout.storage_lease(self.name)
+            self.heartbeat.shared_lease = self._shared_lease
         self.heartbeat.renew_lease(time.time())  # this node is alive now: the supervisors of its runs may go on
         self.executor.running()  # adopt the containers of an earlier life of this node
         self.lister.start()
@@ -619,7 +648,7 @@ class Node:
                 input_dir=self.storage.inside(run.input) if run.input else None,
                 log_path=self.storage.log_path(claim.project, run.id), gpus=run.gpus, cpus=stage.resources.cpus,
                 memory=stage.resources.memory, timeout=stage.timeout, secrets=self.secrets.get(stage.secrets),
-                node_tags=stage.node_tags)
+                node_tags=stage.node_tags, lease_file=self._shared_lease)
             if spec.workspace_dir.is_dir() and any(spec.workspace_dir.iterdir()):
                 # A run id names one attempt forever; files here are another run's (a project deleted and
                 # created again before the nodes cleaned its storage up). They are never mixed into this one.
@@ -663,15 +692,12 @@ class Node:
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
-        fact = Fact(STARTED, claim.project, run.id, started.started, image_digest=started.image_digest,
-                    pulled=started.pulled,
-                    inputs=self._inputs(stage.inputs_for(claim.env)))
-        self.memory.started(fact)
-        self.journal.record(fact)
+        self._record_start(claim.project, run.id, started, self._inputs(stage.inputs_for(claim.env)))
         self.wake.set()
-        log.info("%s/%s on %s: started (stage %s%s)", claim.project, run.id, self.name, stage.name,
-                 f", GPU {','.join(map(str, run.gpus))}" if run.gpus else "",
-                 extra=_fields(claim.project, run.id, self.name, "started"))
+        if started.started is not None:
+            log.info("%s/%s on %s: started (stage %s%s)", claim.project, run.id, self.name, stage.name,
+                     f", GPU {','.join(map(str, run.gpus))}" if run.gpus else "",
+                     extra=_fields(claim.project, run.id, self.name, "started"))
 
     def _inputs(self, paths: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
         """Size and sha256 of each input the run reads, as they are now (a hash `winslow upload` recorded is

@@ -40,6 +40,8 @@ def standing(progress: RequestProgress, runs: tuple[Run, ...], pipeline: Pipelin
     last = mine[-1]
     stage = pipeline.stage(last.stage)
     if last.state is RunState.RUNNING:
+        if last.queued:  # claimed, and waiting in its executor's queue (a Slurm job PENDING): not running yet
+            return Standing(ProjectState.PENDING, f"{last.stage} is {last.queued}")
         return Standing(ProjectState.RUNNING, f"{last.stage} running on {last.node}")
     if stage is None:
         return Standing(ProjectState.FAILED, f"stage '{last.stage}' is not in the locked pipeline")

@@ -38,7 +38,7 @@ from statebuild import (
 )
 
 from reconciler.decide import Me, Plan, Resume, World, decide
-from reconciler.facts import Fact
+from reconciler.facts import QUEUED, Fact
 from reconciler.model import GiB, NodeInfo
 
 GPU1 = node("gpu1", gpus=2)
@@ -48,6 +48,18 @@ LAPTOP = node("laptop", gpus=0, cpus=4, memory=16 * GiB)
 UNCHANGED = None  # the plan writes no status for the project
 
 REQUEST_OBSERVED = project(request=1) | status(state="PENDING", runs=[], message="starting a")  # nothing claimed yet
+LATER = "2024-05-01T12:00:05+00:00"  # the next cycle, a few seconds on
+IN_SLURM = "queued in Slurm on gpu1"  # the event of a claimed run whose job waits in Slurm's queue
+
+
+def queued(run_id: str, why: str | None = "Resources", pid: str = "t", at: str = NOW) -> Fact:
+    """The node's fact: the run's Slurm job is PENDING (`why`: Slurm's reason)."""
+    return Fact(QUEUED, pid, run_id, at, reason=IN_SLURM + (f": {why}" if why else ""))
+
+
+def in_queue(run_id: str, why: str | None = "Resources") -> dict[str, Any]:
+    """A claimed run whose job waits in Slurm's queue, as status.yaml records it."""
+    return run(run_id, started=None, events=[{"time": T0, "message": IN_SLURM + (f": {why}" if why else "")}])
 CPU_EDITED = {"name": "cpu", "stages": [stage("a"), stage("x")]}  # b and c renamed away after the lock
 
 
@@ -187,6 +199,43 @@ CASES = [
          repo=base() | project(request=1) | status(runs=[run("1-a-1", started=None)]),
          local=["t/1-a-1"], facts=[started("1-a-1")],
          state="RUNNING", runs={"1-a-1": dict(state="RUNNING", started=NOW, image_digest="sha256:" + "ab" * 32)}),
+
+    # -- claimed, and waiting in the executor's queue (a Slurm job PENDING) ---------------------------
+    Case(id="queued-fact-shows-the-claimed-run-pending-with-the-queues-reason",
+         repo=base() | project(request=1) | status(runs=[run("1-a-1", started=None)]),
+         local=["t/1-a-1"], facts=[queued("1-a-1", None), queued("1-a-1", "Resources", at=LATER)],
+         state="PENDING", message="a is queued in Slurm on gpu1: Resources",
+         runs={"1-a-1": dict(state="RUNNING", started=None, queued="queued in Slurm on gpu1: Resources")}),
+    Case(id="queued-run-with-a-new-reason-says-the-new-one",
+         repo=base() | project(request=1) | status(state="PENDING", runs=[in_queue("1-a-1", None)]),
+         local=["t/1-a-1"], facts=[queued("1-a-1", "Priority")],
+         state="PENDING", message="a is queued in Slurm on gpu1: Priority"),
+    Case(id="queued-run-whose-reason-is-on-main-writes-nothing",
+         repo=base() | project(request=1)
+         | status(state="PENDING", message="a is queued in Slurm on gpu1: Resources", runs=[in_queue("1-a-1")]),
+         local=["t/1-a-1"], facts=[queued("1-a-1")],
+         state=UNCHANGED),
+    Case(id="queued-run-that-began-is-running-since-its-real-start",
+         repo=base() | project(request=1) | status(state="PENDING", runs=[in_queue("1-a-1")]),
+         local=["t/1-a-1"], facts=[started("1-a-1")],
+         state="RUNNING", message="a running on gpu1", runs={"1-a-1": dict(started=NOW, queued=None)}),
+    Case(id="queued-and-started-in-one-cycle-is-running",
+         repo=base() | project(request=1) | status(runs=[run("1-a-1", started=None)]),
+         local=["t/1-a-1"], facts=[started("1-a-1"), queued("1-a-1")],
+         state="RUNNING", message="a running on gpu1", runs={"1-a-1": dict(started=NOW, queued=None)}),
+    Case(id="queued-run-paused-stays-pending-and-says-it-pauses-after-it",
+         repo=base() | project(request=1, state="paused") | status(state="PENDING", runs=[in_queue("1-a-1")]),
+         local=["t/1-a-1"],
+         state="PENDING", message="a is queued in Slurm on gpu1: Resources (pausing after it)"),
+    Case(id="queued-run-aborted-is-cancelled",
+         repo=base() | project(request=1, state="aborted") | status(state="PENDING", runs=[in_queue("1-a-1")]),
+         local=["t/1-a-1"],
+         state="RUNNING", message="aborting the running stage", stops=[stop("1-a-1", "aborted")]),
+    Case(id="queued-run-cancelled-before-it-began-fails-with-slurms-reason",
+         repo=base() | project(request=1) | status(state="PENDING", runs=[in_queue("1-a-1")]),
+         facts=[exited("1-a-1", None, "Slurm job 7 was cancelled")],
+         state="FAILED", message="a failed: Slurm job 7 was cancelled", finished=[("1-a-1", "FAILED")],
+         runs={"1-a-1": dict(started=None, queued=None)}),
 
     # -- paused ------------------------------------------------------------------------------------
     Case(id="paused-while-stage-runs-neither-stops-nor-claims",
@@ -568,7 +617,6 @@ def test_every_live_node_agrees_who_claims(case: Placement) -> None:
 
 # -- idempotency: a plan, once on main, leads to no further change ----------------------------------
 
-LATER = "2024-05-01T12:00:05+00:00"  # the next cycle, a few seconds on
 
 def _again_params() -> list[Any]:
     rows = [c if isinstance(c, Case) else c.values[0] for c in CASES]

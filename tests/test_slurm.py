@@ -12,16 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.executors.base import ExitInfo, LaunchSpec
+from reconciler.clock import seconds_between
+from reconciler.executors.base import ExitInfo, LaunchSpec, StartInfo
 from reconciler.executors.slurm import SlurmExecutor
-from reconciler.executors.slurmjob import sbatch_options
+from reconciler.executors.slurmjob import JOB_SCRIPT, sbatch_options
+from reconciler.fencing import write_shared_lease
 from reconciler.model import SlurmSettings
-from tests.cluster import NodeProcess, StateRemote, git, wait_for
+from tests.cluster import GIT_ENV, NodeProcess, StateRemote, git, wait_for
 from tests.slurm import SlurmCluster, slurm_fixture  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slurm
 
 PROJECT = "pipeline: {pipeline}\nrun:\n  request: 1\n  state: {state}\n"
+LEASE_S = 4.0  # tests/cluster.py's NodeProcess: --lease 4s --node-timeout 6s
 
 
 def spec(root: Path, run_id: str, command: tuple[str, ...], **more: object) -> LaunchSpec:
@@ -132,16 +135,52 @@ def test_gpu_job_gets_slurms_devices_and_its_env_stays_data(executor, slurm: Slu
     assert made.running() == [] and not list((tmp_path / "work").glob("*/*.json"))  # released
 
 
-def test_job_waiting_for_gpus_is_shown_pending_with_slurms_reason(executor, tmp_path: Path) -> None:
+def test_a_job_is_queued_until_slurm_runs_it_and_one_waiting_for_gpus_says_slurms_reason(executor,
+                                                                                         tmp_path: Path) -> None:
     made, exits = executor
-    made.start(spec(tmp_path, "1-s-1", ("sleep", "60"), gpus=(0, 1), memory=64 * 2**20))
+    heard: list[tuple[str, StartInfo]] = []
+    made.on_start = lambda project, run_id, info: heard.append((run_id, info))
+    assert made.start(spec(tmp_path, "1-s-1", ("sleep", "60"), gpus=(0, 1), memory=64 * 2**20)) == \
+        StartInfo(None, queue="Slurm")  # submitted: it starts when Slurm says so
     waiting = spec(tmp_path, "1-s-2", ("true",), gpus=(0,), memory=64 * 2**20)
     made.start(waiting)
-    wait_for(lambda: "is pending in Slurm's queue (Resources)" in waiting.log_path.read_text(), 10,
-             "the pending reason in the log")
-    assert [r.run_id for r in made.running()] == ["1-s-1", "1-s-2"]
+    wait_for(lambda: ("1-s-2", StartInfo(None, queue="Slurm", reason="Resources")) in heard, 10, "Slurm's reason")
+    assert "is pending in Slurm's queue (Resources)" in waiting.log_path.read_text()
+    (first, began), = [(run_id, info) for run_id, info in heard if info.started]
+    assert first == "1-s-1" and [(r.run_id, r.started) for r in made.running()] == [("1-s-1", began.started),
+                                                                                    ("1-s-2", None)]
     made.stop("p", "1-s-2", "aborted")
     assert exits.wait().reason == "aborted"
+
+
+def job_script(tmp_path: Path, lease: Path, *command: str) -> subprocess.Popen[str]:
+    """The job script as a compute node runs it, without Slurm: in a process group of its own, as a job is."""
+    script = tmp_path / "winslow-job.sh"
+    script.write_text(JOB_SCRIPT)
+    return subprocess.Popen(["sh", str(script), str(tmp_path / "run.exit"), "", str(lease), "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_the_job_script_runs_no_stage_once_its_nodes_lease_has_run_out(tmp_path: Path) -> None:
+    lease = tmp_path / "lease"
+    write_shared_lease(lease, time.time() - 1)  # the job waited in the queue while its node died
+    job = job_script(tmp_path, lease, "sh", "-c", "echo RAN")
+    out, _ = job.communicate(timeout=10)
+    assert job.returncode == 1 and "RAN" not in out
+    assert "had run out when the job started" in (tmp_path / "run.exit.lapsed").read_text()
+
+
+def test_the_job_script_keeps_the_last_lease_it_read_whole(tmp_path: Path) -> None:
+    lease = tmp_path / "lease"
+    write_shared_lease(lease, time.time() + 1.5)
+    began = time.monotonic()
+    job = job_script(tmp_path, lease, "sleep", "30")
+    time.sleep(0.5)
+    lease.write_text(f"{time.time() + 60:.3f}")  # caught half-written (no newline yet): not believed
+    out, _ = job.communicate(timeout=10)
+    assert time.monotonic() - began < 5, out  # ended once the lease it read whole had passed
+    assert job.returncode == 128 + signal.SIGTERM and "winslow: the node's lease ran out" in out
+    assert (tmp_path / "run.exit").read_text() == "143\n"
 
 
 # -- nodes that run jobs ------------------------------------------------------------------
@@ -197,6 +236,10 @@ def test_failing_job_records_its_exit_code_and_an_overlong_one_ends_as_a_timeout
     assert "oops" in remote.read("projects/f/logs/1-x-1.log")
     timed_out = settled(remote, "t")
     assert timed_out["state"] == "FAILED" and timed_out["reason"] == "timeout after 3s"
+    # Both jobs started at once: their queueing landed with their start, never as a PENDING project on main.
+    shown = subprocess.run(["git", "--git-dir", str(remote.remote), "log", "-p", "main", "--", "projects/f/status.yaml",
+                            "projects/t/status.yaml"], capture_output=True, text=True, check=True).stdout
+    assert "+state: PENDING" not in shown, shown
 
 
 def test_abort_cancels_the_job_within_seconds(remote, start_node, slurm: SlurmCluster) -> None:
@@ -238,12 +281,12 @@ def test_restarted_node_adopts_its_running_job_and_finalises_one_that_ended_mean
     remote.write({"pipelines/long.yaml": long, "pipelines/short.yaml": short,
                   "projects/l/project.yaml": PROJECT.format(pipeline="long", state="running"),
                   "projects/s/project.yaml": PROJECT.format(pipeline="short", state="running")})
-    first = start_node()
+    first = start_node("hpc", "slurm", "--lease", "30s", "--node-timeout", "40s")  # its jobs outlive a short restart
     wait_for(lambda: slurm.jobs("winslow-l-1-s-1") and slurm.jobs("winslow-s-1-s-1"), 30, "both jobs", interval=0.05)
     first.signal(signal.SIGKILL)
     first.proc.wait(timeout=10)
     wait_for(lambda: not slurm.jobs("winslow-s-1-s-1"), 15, "the short job to end while the node is down")
-    second = start_node()
+    second = start_node("hpc", "slurm", "--lease", "30s", "--node-timeout", "40s")
     short_run, long_run = settled(remote, "s"), settled(remote, "l")
     assert (short_run["state"], short_run["exit_code"]) == ("FAILED", 4)
     assert (long_run["state"], long_run["exit_code"]) == ("SUCCEEDED", 0)
@@ -251,6 +294,62 @@ def test_restarted_node_adopts_its_running_job_and_finalises_one_that_ended_mean
     assert [r["id"] for r in remote.status("l")["runs"]] == ["1-s-1"]  # adopted, not run again
     adopted = re.findall(r"adopting: node=hpc project=(\w) run=1-s-1 job=\d+ state=(\w+)", second.log())
     assert sorted(adopted) == [("l", "running"), ("s", "failed")]  # the first life had nothing to adopt
+
+
+def test_a_job_pending_in_slurms_queue_is_pending_with_slurms_reason_and_timed_from_its_start(remote, start_node,
+                                                                                             slurm: SlurmCluster) -> None:
+    timeout = 4.0
+    pipeline = ("name: gpu\nstages:\n  - {name: detect, image: none, command: [sh, -c, 'sleep 1; echo ran'], "
+                f"resources: {{gpus: 1, memory: 64MiB}}, timeout: {timeout:.0f}s}}\n")
+    blocker = slurm.run("sbatch", "--parsable", "--gres=gpu:2", "--mem=64M", "--output=/dev/null",
+                        "--wrap=sleep 60").strip()  # another user's job holds both GPUs: Winslow does not know
+    try:
+        wait_for(lambda: slurm.run("squeue", "-h", "-j", blocker, "-o", "%T").strip() == "RUNNING", 15, "the blocker")
+        remote.write({"pipelines/gpu.yaml": pipeline, "projects/q/project.yaml": PROJECT.format(pipeline="gpu",
+                                                                                                state="running")})
+        start_node()
+        queued = wait_for(lambda: remote.status("q").get("message") == "detect is queued in Slurm on hpc: Resources"
+                          and remote.status("q"), 30, "the project to show Slurm's reason")
+        assert queued["state"] == "PENDING"
+        run = queued["runs"][0]
+        assert (run["state"], run.get("started")) == ("RUNNING", None)  # claimed, not started
+        assert run["events"][-1]["message"] == "queued in Slurm on hpc: Resources"
+        shown = subprocess.run([sys.executable, "-m", "reconciler", "status", "--repo-dir", str(remote.clone)],
+                               env=GIT_ENV, capture_output=True, text=True, timeout=60)
+        assert re.search(r"\bq\s+gpu\s+PENDING\s+detect\s.*detect is queued in Slurm on hpc: Resources", shown.stdout), \
+            shown.stdout + shown.stderr
+        time.sleep(timeout + 0.5)  # queued longer than the stage's timeout, which counts from its start
+    finally:
+        slurm.run("scancel", blocker)
+    run = settled(remote, "q")
+    assert (run["state"], run["exit_code"]) == ("SUCCEEDED", 0), run
+    assert seconds_between(run["claimed"], run["started"]) > timeout  # the start is the job's, not its submission
+    assert remote.status("q")["state"] == "SUCCEEDED"
+
+
+def test_a_job_ends_when_its_node_dies_before_another_node_may_take_its_run_over(remote, start_node, slurm: SlurmCluster,
+                                                                                tmp_path: Path) -> None:
+    beat = "while :; do date +%s.%N >> \"$WINSLOW_WORKSPACE/beat\"; sleep 0.2; done"
+    pipeline = f"name: beat\nstages:\n  - {{name: s, image: none, command: [sh, -c, '{beat}'], lost_retries: 0}}\n"
+    remote.write({"pipelines/beat.yaml": pipeline, "projects/p/project.yaml": PROJECT.format(pipeline="beat",
+                                                                                              state="running")})
+    beats = tmp_path / "storage/workspaces/p/1-s-1/beat"
+    node = start_node()
+    wait_for(lambda: beats.exists() and beats.read_text().strip(), 30, "the stage to run in its job")
+    assert (tmp_path / "storage/.winslow/leases/hpc").read_text().endswith("\n")  # on the storage the job sees
+
+    node.signal(signal.SIGKILL)  # the login node's Winslow dies; nothing else does
+    killed = time.time()
+    node.proc.wait(timeout=10)
+    wait_for(lambda: not slurm.jobs("winslow-p-1-s-1"), 15, "the job to end on its own")
+
+    last = float(beats.read_text().split()[-1])
+    assert last - killed <= LEASE_S + 2, f"the stage ran {last - killed:.1f}s after its node died"
+    log = (tmp_path / "storage/logs/p/1-s-1.log").read_text()
+    assert "winslow: the node's lease ran out" in log
+    start_node()  # back: the run ended for the node's failure, not the program's
+    run = settled(remote, "p")
+    assert run["state"] == "LOST" and run["reason"].startswith("fenced: the node's lease ran out"), run
 
 
 @pytest.mark.docker

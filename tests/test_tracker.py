@@ -4,7 +4,8 @@ The tracker is pure bookkeeping, so a fake engine shows every rule of it
 quickly: an exit reaches on_exit exactly once, a run stays in running() until
 on_exit returned, a failed on_exit leaves the run for a later running(),
 timeouts and stops carry their reason, a run starts once, close() ends the
-watchers. The real engines are tested against Docker and real processes.
+watchers, a queued run's timeout counts from the start its engine reports.
+The real engines are tested against Docker, real processes and Slurm.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.clock import add_seconds, utcnow
 from reconciler.errors import ExecutorError
 from reconciler.executors.base import ExitInfo, LaunchSpec, RunningInfo, StartInfo
 from reconciler.executors.tracker import STOP_GRACE_S, Ended, Found, RunTracker
@@ -53,10 +55,12 @@ class FakeEngine:
         self.released: list[str] = []
         self.found_timeout: float | None = None
         self.found_elapsed = 0.0
+        self.queues = False  # spawn queues its runs, as a batch system does; the test reports their start
+        self.found_queued = False
 
-    def finish(self, run_id: str, code: int | None, reason: str | None = None) -> None:
+    def finish(self, run_id: str, code: int | None, reason: str | None = None, started: str | None = None) -> None:
         run = self.held[(PROJECT, run_id)]
-        run.ended = Ended(code, FINISHED, reason)
+        run.ended = Ended(code, FINISHED, reason, started)
         run.end.set()
 
     def hold(self, run_id: str) -> FakeRun:
@@ -77,7 +81,7 @@ class FakeEngine:
             raise ExecutorError(f"program 'no-such-program' not found on {NODE}")
         self.prepared.discard((spec.project, spec.run_id))
         run = self.held[(spec.project, spec.run_id)] = FakeRun(spec.project, spec.run_id)
-        return run, StartInfo(started=STARTED)
+        return run, StartInfo(None, queue="fake") if self.queues else StartInfo(started=STARTED)
 
     def wait(self, run: FakeRun, closing: threading.Event) -> Ended | None:
         if run.broken:
@@ -97,6 +101,8 @@ class FakeEngine:
         if run is None:
             return None
         state = "exited" if run.ended else "running"
+        if self.found_queued:
+            return Found(run, None, state, self.found_timeout, queued=True)
         return Found(run, STARTED, state, self.found_timeout, self.found_elapsed)
 
     def release(self, run: FakeRun) -> None:
@@ -323,3 +329,84 @@ def test_close_ends_every_watcher_reports_nothing_and_starts_nothing(engine, exi
         assert [r.run_id for r in later.running()] == ["1-a-1", "2-a-1"]
     finally:
         later.close()
+
+
+class Starts:
+    """on_start for the tracker: records what it hears; fails the first `failures` calls."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.seen: list[tuple[str, StartInfo]] = []
+        self.failures = failures
+
+    def __call__(self, project: str, run_id: str, info: StartInfo) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("the journal is full")
+        self.seen.append((run_id, info))
+
+
+def test_a_queued_run_is_not_timed_while_it_waits_and_its_timeout_counts_from_its_start(tracker, engine, exits):
+    engine.queues = True
+    starts = tracker.on_start = Starts()
+    assert tracker.start(spec(timeout=0.3)) == StartInfo(None, queue="fake")
+    assert tracker.running() == [RunningInfo(PROJECT, "1-a-1", None)]
+    waiting = StartInfo(None, queue="fake", reason="Resources")
+
+    assert tracker.report_start(PROJECT, "1-a-1", waiting)
+    exits.assert_none(within=0.5)  # longer than its timeout, in the queue: nothing stops it
+    began, clock = utcnow(), time.monotonic()
+    assert tracker.report_start(PROJECT, "1-a-1", StartInfo(started=began))
+    assert tracker.running() == [RunningInfo(PROJECT, "1-a-1", began)]
+    assert tracker.report_start(PROJECT, "1-a-1", StartInfo(started=FINISHED))  # said once: the first start stands
+
+    assert exits.next().reason.startswith("timeout after")
+    assert time.monotonic() - clock >= 0.25  # its 0.3 s counted from the start, not from the submission
+    assert engine.stops == [("1-a-1", STOP_GRACE_S)]
+    assert starts.seen == [("1-a-1", waiting), ("1-a-1", StartInfo(started=began))]
+
+
+def test_an_adopted_queued_run_waits_for_its_start_and_then_keeps_the_deadline_it_had(tracker, engine, exits):
+    engine.hold("1-a-1")
+    engine.found_queued, engine.found_timeout = True, 3600.0
+    assert tracker.running() == [RunningInfo(PROJECT, "1-a-1", None)]
+    exits.assert_none()
+
+    began_long_ago = add_seconds(utcnow(), -3599.9)  # it began while nobody watched: a tenth of a second left
+    assert began_long_ago and tracker.report_start(PROJECT, "1-a-1", StartInfo(started=began_long_ago))
+
+    assert exits.next().reason == "timeout after 1h00m"
+
+
+def test_a_start_the_node_could_not_record_is_reported_again(tracker, engine, exits) -> None:
+    engine.queues = True
+    starts = tracker.on_start = Starts(failures=1)
+    tracker.start(spec())
+
+    assert not tracker.report_start(PROJECT, "1-a-1", StartInfo(started=STARTED))
+    assert tracker.running() == [RunningInfo(PROJECT, "1-a-1", None)]  # still queued, for the engine to say again
+    assert tracker.report_start(PROJECT, "1-a-1", StartInfo(started=STARTED))
+    assert (starts.seen, tracker.running()) == ([("1-a-1", StartInfo(started=STARTED))],
+                                                [RunningInfo(PROJECT, "1-a-1", STARTED)])
+
+
+def test_a_queued_run_that_began_and_ended_between_two_looks_reports_its_start_before_its_exit(engine) -> None:
+    said: list[str] = []
+    tracker = RunTracker(NODE, lambda info: said.append(f"exited {info.exit_code}"), engine)
+    tracker.on_start = lambda project, run_id, info: said.append(f"started {info.started}")
+    engine.queues = True
+    try:
+        tracker.start(spec())
+        engine.finish("1-a-1", 0, started=STARTED)
+        wait_until(lambda: len(said) == 2, "the start and the exit")
+        assert said == [f"started {STARTED}", "exited 0"]
+    finally:
+        tracker.close()
+
+
+def test_a_run_that_started_at_once_tells_on_start_nothing(tracker, engine, exits) -> None:
+    starts = tracker.on_start = Starts()
+    tracker.start(spec())
+    assert tracker.report_start(PROJECT, "1-a-1", StartInfo(started=FINISHED))  # not queued: nothing to report
+    engine.finish("1-a-1", 0)
+    exits.next()
+    assert starts.seen == []

@@ -185,7 +185,7 @@ def detail(entry: ProjectEntry, snapshot: Snapshot, now: datetime, nodes: Mappin
         "request": status.request.to_dict() if status.request else None,
         "errors": list(dict.fromkeys(errors)),
         "runs": [dict(r.to_dict(), duration_seconds=_seconds(r.started, r.finished, now),
-                      node_liveness=_liveness(r, nodes)) for r in status.runs],
+                      node_liveness=_liveness(r, nodes), queued=r.queued) for r in status.runs],
         "waiting": status.state is ProjectState.WAITING,
         "unreadable": broken is not None,
     })
@@ -240,7 +240,8 @@ def _print_detail(data: Mapping[str, Any]) -> None:
         print()
         _table(("ID", "STAGE", "STATE", "NODE", "GPUS", "STARTED", "DURATION", "EXIT", "REASON"),
                [(r["id"], r["stage"], r["state"], _node_cell(r), ",".join(map(str, r.get("gpus", []))),
-                 _clock(r.get("started")), _age(r["duration_seconds"]), r.get("exit_code"), r.get("reason"))
+                 _clock(r.get("started")), _age(r["duration_seconds"]), r.get("exit_code"),
+                 r.get("reason") or r.get("queued"))  # a claimed run waiting in Slurm's queue: where and why
                 for r in data["runs"]])
     if data["waiting"]:
         number = request["number"] if request else "N"

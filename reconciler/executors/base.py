@@ -53,13 +53,23 @@ class LaunchSpec:
     timeout: float | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)
     node_tags: tuple[str, ...] = ()  # the stage's: a Slurm node turns those that name features into --constraint
+    # Where a supervisor on another machine (a Slurm job's script) reads the node's lease: on the shared storage.
+    lease_file: Path | None = None
 
 
 @dataclass(frozen=True)
 class StartInfo:
-    started: str
+    """How a run started; `started` None: it waits in a queue (a Slurm job PENDING), and the start comes later.
+
+    An executor whose runs start at once (docker, process) always sets `started`. One that queues
+    them reports through `on_start`, with another StartInfo: a new reason to wait, or the start.
+    """
+
+    started: str | None
     image_digest: str | None = None
     pulled: str | None = None  # what was pulled for it, and how much in how long
+    queue: str | None = None  # started None: whose queue the run waits in ("Slurm")
+    reason: str | None = None  # ... and why, in the queue's own words ("Resources", "Priority"), once it says
 
 
 @dataclass(frozen=True)
@@ -81,11 +91,15 @@ class RunningInfo:
 
 
 ExitCallback = Callable[[ExitInfo], None]
+StartCallback = Callable[[str, str, StartInfo], None]  # (project, run id, how it stands): a queued run waits or began
 
 
 class Executor(Protocol):
     name: str
     images: bool  # a stage's `image` is what runs (recorded with the claim); False: the command runs on the host
+    # Set by the node: hears, from the executor's threads, of each run that start() left queued (a Slurm job
+    # PENDING) when it waits for a new reason and when it begins. Never called for a run that started at once.
+    on_start: StartCallback | None
 
     def prepare(self, spec: LaunchSpec) -> None:
         """Get ready to start (create a container) while the claim is pushed; never runs the stage."""
@@ -94,7 +108,7 @@ class Executor(Protocol):
         """Undo `prepare` for a claim that did not land."""
 
     def start(self, spec: LaunchSpec) -> StartInfo:
-        """Start the run; ExecutorError with a reason a person understands when it cannot."""
+        """Start (or queue) the run; ExecutorError with a reason a person understands when it cannot."""
 
     def stop(self, project: str, run_id: str, reason: str) -> None:
         """Stop the run now (TERM, then KILL after a short grace); its exit is still reported."""

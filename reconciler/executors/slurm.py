@@ -17,10 +17,15 @@ a record per run in `state_dir/<project>/<run>.json` keeps its job id, so a rest
 adopts its jobs (`squeue` finds a live one whose record is missing) and reports those that
 ended while it was down.
 
-States: PENDING shows in the run's log with Slurm's reason; TIMEOUT is a timeout; NODE_FAIL,
-PREEMPTED, BOOT_FAIL and a requeued job end LOST (the reason begins with `LOST_REASON`), for
-Winslow, not Slurm, to place a new attempt. `SlurmMachine` reports the partition's CPUs,
-memory and GPUs (GRES) as the node's capacity.
+States: a submitted job is queued, not started (spawn's StartInfo has no `started`); while it is
+PENDING, each new reason of Slurm's goes to the tracker (`report_start`, and so to the node, whose
+project shows PENDING with it) and to the run's log; once it runs, its start (Slurm's StartTime)
+does, and the stage's timeout counts from then. TIMEOUT is a timeout; NODE_FAIL, PREEMPTED,
+BOOT_FAIL and a requeued job end LOST (the reason begins with `LOST_REASON`), for Winslow, not
+Slurm, to place a new attempt. A job that ended its stage because the node's lease ran out (the
+job script watches it on the shared storage: `slurmjob.py`) leaves a note, and ends LOST too
+(`FENCED`). `SlurmMachine` reports the partition's CPUs, memory and GPUs (GRES) as the node's
+capacity.
 """
 from __future__ import annotations
 
@@ -31,17 +36,25 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler.clock import format_time, utcnow
+from reconciler.clock import format_time, parse_time, utcnow
 from reconciler.errors import ExecutorError
 from reconciler.executors import LOST_REASON
 from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, make_folders
 from reconciler.executors.slurmctl import COMMAND_TIMEOUT_S, JobView, Slurm, SlurmMachine, gone
-from reconciler.executors.slurmjob import JOB_SCRIPT, exit_file, export_file, job_environment, sbatch_options
+from reconciler.executors.slurmjob import (
+    JOB_SCRIPT,
+    exit_file,
+    export_file,
+    job_environment,
+    lapsed_file,
+    sbatch_options,
+)
 from reconciler.executors.tracker import Ended, Found, RunTracker, already_running
+from reconciler.fencing import FENCED
 from reconciler.model import SlurmSettings
 from reconciler.units import format_duration
 
@@ -54,6 +67,7 @@ SLOW_POLL_S = 5.0  # ... and once it has run a while: each look is a request to 
 FAST_FOR_S = 60.0
 QUEUE_EVERY_S = 60.0  # how often the queue is searched for jobs whose record is gone
 UNKNOWN_EXIT = "exit code unknown: the job ended while nobody watched and left no exit file"
+QUEUE = "Slurm"  # whose queue a PENDING job waits in, for the run's events: "queued in Slurm on hpc: Resources"
 # Job states (scontrol's JobState): those that go on, and those in which Slurm, not the program, ended the job.
 _LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING",
          "STAGE_OUT", "RESV_DEL_HOLD", "REQUEUE_HOLD", "REQUEUED", "REQUEUE_FED", "SPECIAL_EXIT"}
@@ -70,7 +84,9 @@ class _Job:
     record: Path
     log_path: Path
     timeout: float | None = None
+    began: bool = False  # its start was reported: it left Slurm's queue
     said: str | None = None  # the last PENDING reason written to the log
+    told: str | None = None  # ... and reported to the tracker
     fast_until: float = field(default_factory=lambda: time.monotonic() + FAST_FOR_S)
     nudge: threading.Event = field(default_factory=threading.Event)  # a stop, or the executor closes: look now
 
@@ -82,13 +98,21 @@ class _Job:
         return exit_file(self.log_path)
 
 
+Report = Callable[[str, str, StartInfo], bool]  # the tracker's report_start
+
+
 class SlurmEngine:
-    """Submits, watches, cancels and lists the Slurm jobs of one node."""
+    """Submits, watches, cancels and lists the Slurm jobs of one node.
+
+    `report`: told of each new reason a PENDING job waits for, and of its start; False when that
+    could not be passed on, for the next look to try again.
+    """
 
     name = "slurm"
 
     def __init__(self, node: str, state_dir: Path, cluster: str = "",
-                 settings: Callable[[], SlurmSettings] = SlurmSettings, container: str | None = None) -> None:
+                 settings: Callable[[], SlurmSettings] = SlurmSettings, container: str | None = None,
+                 report: Report | None = None) -> None:
         if container not in (None, "docker"):
             raise ExecutorError(f"unknown Slurm container '{container}' (known: docker)")
         self.node = node
@@ -97,6 +121,7 @@ class SlurmEngine:
         self.images = container == "docker"  # the stage's image is what runs, so the claim records it
         self._state_dir = Path(state_dir)
         self._settings = settings
+        self._report: Report = report or (lambda project, run_id, info: True)
         self.slurm = Slurm(node)
         self._script = self._state_dir / "winslow-job.sh"
         self._script_lock = threading.Lock()
@@ -117,20 +142,21 @@ class SlurmEngine:
             raise ExecutorError(f"run {spec.run_id} of {spec.project} has an empty command")
         make_folders(spec, self.node, record.parent, *([Path(spec.resources_dir)] if self.container else []))
         log_path = Path(spec.log_path).absolute()
-        _remove(exit_file(log_path))  # an earlier attempt's exit code must not pass for this one's
+        # An earlier attempt's exit code, or its note of a lapsed lease, must not pass for this one's.
+        _remove(exit_file(log_path), lapsed_file(exit_file(log_path)))
         settings = self._settings()
-        started = utcnow()
         # Written before sbatch: a node that dies in between finds the job again by its comment.
         _write_record(record, {"project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "job_id": None,
-                               "log": str(log_path), "timeout": spec.timeout, "started": started,
-                               "started_epoch": time.time()})
+                               "log": str(log_path), "timeout": spec.timeout, "submitted": utcnow(), "started": None,
+                               "started_epoch": None})
         try:
             job_id = self._submit(spec, settings, log_path)
         except BaseException:
             _remove(record)
             raise
         _write_record(record, {**json.loads(record.read_text()), "job_id": job_id})
-        return _Job(spec.project, spec.run_id, job_id, record, log_path, spec.timeout), StartInfo(started=started)
+        # Queued: it starts when Slurm says so, and the watcher reports it then.
+        return _Job(spec.project, spec.run_id, job_id, record, log_path, spec.timeout), StartInfo(None, queue=QUEUE)
 
     def wait(self, job: _Job, closing: threading.Event) -> Ended | None:
         unreachable: str | None = None
@@ -193,18 +219,21 @@ class SlurmEngine:
         if not log_text:
             return None
         timeout = data.get("timeout")
-        job = _Job(project, run_id, str(job_id), record, Path(log_text), None if timeout is None else float(timeout))
+        job = _Job(project, run_id, str(job_id), record, Path(log_text), None if timeout is None else float(timeout),
+                   began=data.get("started") is not None)
         if not data:
             _write_record(record, {"project": project, "run_id": run_id, "job_id": job.job_id, "log": log_text,
                                    "timeout": None, "started": None, "started_epoch": None})
         if state not in _LIVE and state != "UNKNOWN":
             return Found(job, data.get("started"), state.lower())
+        if not job.began:  # still queued, or it began while nobody watched: the watcher reports its start
+            return Found(job, None, state.lower(), job.timeout, queued=True)
         elapsed = max(0.0, time.time() - float(data.get("started_epoch") or time.time()))
         return Found(job, data.get("started"), state.lower(), job.timeout, elapsed)
 
     def release(self, job: _Job) -> None:
         self._released.add(job.job_id)
-        _remove(job.record, job.exit_file)
+        _remove(job.record, job.exit_file, lapsed_file(job.exit_file))
 
     def interrupt(self, job: _Job) -> None:
         """The executor closes: the wait looks at `closing` now."""
@@ -270,23 +299,49 @@ class SlurmEngine:
     # -- following -------------------------------------------------------------------
 
     def _judge(self, job: _Job, seen: JobView | None) -> Ended | None:
-        """How the job ended, or None while it goes on (a PENDING reason is written to the log once)."""
+        """How the job ended, or None while it goes on; reports its queue's reasons and its start on the way."""
         if seen is None:
-            return self._aged_out(job)
+            return _fenced(job, self._aged_out(job))
         if seen.restarts > 0 or seen.state in _LOST:
             if seen.state in _LIVE:  # requeued: Winslow, not Slurm, places a new attempt
                 self._cancel_quietly(job)
             return Ended(None, seen.end or utcnow(),
                          f"{LOST_REASON}Slurm job {job.job_id} {_lost_words(seen)}")
         if seen.state == "PENDING":
-            if seen.reason != job.said:  # "None": queued, not looked at by the scheduler yet
-                job.said = seen.reason
-                why = f" ({seen.reason})" if seen.reason != "None" else ""
-                _log_line(job.log_path, f"winslow: Slurm job {job.job_id} is pending in Slurm's queue{why}")
+            self._pending(job, seen.reason)
             return None
+        if not job.began and seen.state in _LIVE:
+            self._began(job, seen.start or utcnow())
         if seen.state in _LIVE:
             return None
-        return _ended(job, seen.state, seen.exit_code, seen.signal, seen.end or utcnow())
+        ended = _ended(job, seen.state, seen.exit_code, seen.signal, seen.end or utcnow())
+        if not job.began and seen.start and seen.nodes not in ("", "(null)"):  # it ran between two looks
+            ended = replace(ended, started=seen.start)
+        return _fenced(job, ended)
+
+    def _pending(self, job: _Job, reason: str) -> None:
+        """Each new reason goes to the run's log and to the tracker ("None": the scheduler has not looked yet)."""
+        if reason != job.said:
+            job.said = reason
+            why = f" ({reason})" if reason != "None" else ""
+            _log_line(job.log_path, f"winslow: Slurm job {job.job_id} is pending in Slurm's queue{why}")
+        if reason not in ("None", job.told) and self._report(job.project, job.run_id, StartInfo(None, queue=QUEUE,
+                                                                                                 reason=reason)):
+            job.told = reason
+
+    def _began(self, job: _Job, started: str) -> None:
+        """The job left the queue: its start is reported, then kept in its record for a node that adopts it."""
+        if not self._report(job.project, job.run_id, StartInfo(started=started)):
+            return  # the next look reports it again
+        job.began = True
+        job.fast_until = time.monotonic() + FAST_FOR_S
+        when = parse_time(started)
+        data = _load_record(job.record) or {}
+        try:
+            _write_record(job.record, {**data, "started": started,
+                                       "started_epoch": when.timestamp() if when else time.time()})
+        except ExecutorError as exc:  # an adopting node then takes the start from Slurm again
+            log.warning("%s: node=%s project=%s run=%s", exc, self.node, job.project, job.run_id)
 
     def _aged_out(self, job: _Job) -> Ended:
         """The job has left slurmctld's memory: accounting, where it answers, else the exit file."""
@@ -344,11 +399,17 @@ class SlurmEngine:
 
 
 class SlurmExecutor(RunTracker[_Job]):
-    """The Executor of a node whose stages run as Slurm jobs; `machine` is what its heartbeat reports."""
+    """The Executor of a node whose stages run as Slurm jobs; `machine` is what its heartbeat reports.
+
+    Its runs' supervisors are the job scripts on the compute nodes: they read the node's lease from
+    the shared storage (`shared_lease`), where the node then renews it too.
+    """
+
+    shared_lease = True
 
     def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path, cluster: str = "",
                  settings: Callable[[], SlurmSettings] = SlurmSettings, container: str | None = None) -> None:
-        engine = SlurmEngine(node, state_dir, cluster, settings, container)
+        engine = SlurmEngine(node, state_dir, cluster, settings, container, report=self.report_start)
         super().__init__(node, on_exit, engine)
         self.machine = SlurmMachine(engine.slurm, settings)
 
@@ -366,6 +427,15 @@ def _ended(job: _Job, state: str, exit_code: int | None, signal: int, finished: 
     if signal:
         return Ended(128 + signal, finished, f"killed by signal {signal} (Slurm job {job.job_id})")
     return Ended(exit_code, finished)
+
+
+def _fenced(job: _Job, ended: Ended) -> Ended:
+    """A job that ended its stage because the node's lease ran out says so in a note: the node's failure, LOST."""
+    try:
+        note = lapsed_file(job.exit_file).read_text(errors="replace").strip()
+    except OSError:
+        return ended
+    return replace(ended, reason=f"{FENCED}{note}") if note else ended
 
 
 def _lost_words(seen: JobView) -> str:

@@ -39,6 +39,7 @@ class JobView:
     signal: int
     restarts: int  # how often Slurm requeued it
     nodes: str
+    start: str | None  # when it began running (PENDING: when Slurm expects it to)
     end: str | None
     log: str | None
 
@@ -86,7 +87,8 @@ class Slurm:
         return JobView(state=fields["JobState"], reason=fields.get("Reason", "None"),
                        exit_code=int(code) if code.isdigit() else None, signal=int(signal) if signal.isdigit() else 0,
                        restarts=_int(fields.get("Restarts", "0")), nodes=fields.get("NodeList", ""),
-                       end=_slurm_time(fields.get("EndTime")), log=fields.get("StdOut") or None)
+                       start=_slurm_time(fields.get("StartTime")), end=_slurm_time(fields.get("EndTime")),
+                       log=fields.get("StdOut") or None)
 
     def accounted(self, job_id: str) -> tuple[str, int | None, int] | None:
         """(state, exit code, signal) from Slurm's accounting; None where none answers (no slurmdbd)."""

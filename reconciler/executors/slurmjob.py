@@ -5,7 +5,8 @@ arguments and the stage's environment as sbatch's `--export-file` (NAME=value pa
 by NUL, read from a pipe), so neither is ever pasted into shell code: a value such as
 `x; id` stays a value. The job's output goes to the run's log (`--output`), and the script
 leaves the exit code beside it (`exit_file`), on the storage both the login node and the
-compute nodes see.
+compute nodes see. With the node's lease on that storage (`LaunchSpec.lease_file`), the script
+also ends the stage once the lease has run out: the node is dead or frozen (`JOB_SCRIPT`).
 """
 from __future__ import annotations
 
@@ -18,50 +19,119 @@ from reconciler.errors import ExecutorError
 from reconciler.executors.base import LaunchSpec, expand, stage_env
 from reconciler.model import SlurmSettings
 
-__all__ = ["JOB_SCRIPT", "exit_file", "export_file", "job_environment", "sbatch_options"]
+__all__ = ["JOB_SCRIPT", "exit_file", "export_file", "job_environment", "lapsed_file", "sbatch_options"]
 
 _HIDDEN_ENV = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")  # the node's own Slurm variables would steer the job
 
-JOB_SCRIPT = """\
-#!/bin/sh
+JOB_SCRIPT = r"""#!/bin/sh
 # Winslow's Slurm job script, the same for every run: its arguments are data, never code.
-#   winslow-job.sh EXIT_FILE CONTAINER -- PROGRAM [ARGS...]
+#   winslow-job.sh EXIT_FILE CONTAINER LEASE_FILE -- PROGRAM [ARGS...]
 # It runs PROGRAM (with CONTAINER set: `docker run --name CONTAINER ARGS...`), relays TERM to it,
 # removes the container when the job is cancelled (the Docker daemon, not the job, owns it), and
 # leaves the exit code in EXIT_FILE for a node that was down when the job ended.
-exit_file=$1 container=$2
-shift 3
+# With LEASE_FILE set it supervises the stage for its node: every second it reads until when the
+# node's lease holds (renewed with each heartbeat the node pushes). Once that has passed, the node
+# is dead or frozen and cannot stop its own work: the script TERMs the job's processes, KILLs them
+# after a grace, and says why in EXIT_FILE.lapsed, before another node may take the run over.
+exit_file=$1 container=$2 lease_file=$3
+shift 4
+grace=10
 echo "winslow: Slurm job ${SLURM_JOB_ID:-?} runs on ${SLURMD_NODENAME:-$(hostname)}${SLURM_JOB_GPUS:+ with GPU $SLURM_JOB_GPUS}"
+expires=
+lapsed() {
+    # The lease's end in ms; a line not read whole (a write caught half-way, a file gone) keeps the last one.
+    if read -r line < "$lease_file" 2>/dev/null; then
+        case $line in
+            *[!0-9.]* | *.*.* | .*) ;;
+            *.[0-9][0-9][0-9]) expires=${line%.*}${line#*.} ;;
+        esac
+    fi
+    [ -n "$expires" ] || return 1
+    now=$(date +%s%N 2>/dev/null)
+    case $now in
+        '' | *[!0-9]*) now=$(date +%s)000 ;;
+        *) now=${now%??????} ;;
+    esac
+    [ "$now" -gt "$expires" ]
+}
+note() {
+    echo "winslow: $1"
+    printf '%s\n' "$1" > "$exit_file.lapsed.tmp" && mv -f "$exit_file.lapsed.tmp" "$exit_file.lapsed"
+}
+leave() {
+    printf '%s\n' "$1" > "$exit_file.tmp.$$" && mv -f "$exit_file.tmp.$$" "$exit_file"
+    exit "$1"
+}
+if [ -n "$lease_file" ]; then
+    if [ ! -r "$lease_file" ]; then
+        echo "winslow: cannot read the node's lease in $lease_file; the stage runs unsupervised until it can"
+    elif lapsed; then
+        note "the node's lease had run out when the job started (the node stopped or froze); the stage did not run"
+        leave 1
+    fi
+fi
 if [ -n "$container" ]; then
     if [ -n "${SLURM_JOB_GPUS:-}" ]; then
-        set -- --gpus "\\"device=$SLURM_JOB_GPUS\\"" "$@"
+        set -- --gpus "\"device=$SLURM_JOB_GPUS\"" "$@"
     fi
     set -- docker run --rm --name "$container" "$@"
 fi
-child= stopped=
+child= stopped= watcher=
 end() {
     stopped=1
     if [ -n "$container" ]; then docker rm -f "$container" >/dev/null 2>&1; fi
-    if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; fi
+    # After a lapse the TERM went to the whole job already: the stage gets one.
+    if [ -n "$child" ] && [ ! -e "$exit_file.lapsed" ]; then kill -TERM "$child" 2>/dev/null; fi
+}
+supervise() {
+    trap '' TERM INT  # the TERM below is for the stage and what it started, not for the supervisor
+    while kill -0 "$child" 2>/dev/null; do
+        if lapsed; then
+            at=$(date -u -d "@${expires%???}" +%H:%M:%S 2>/dev/null) && at=" at $at UTC" || at=
+            note "the node's lease ran out$at (the node stopped or froze); its job ended the stage before another node \
+may take it over"
+            kill -TERM 0
+            waited=0
+            while [ "$waited" -lt "$grace" ] && kill -0 "$child" 2>/dev/null; do
+                sleep 1
+                waited=$((waited + 1))
+            done
+            if kill -0 "$child" 2>/dev/null; then
+                echo "winslow: the stage did not end within ${grace}s of TERM: KILL"
+                kill -KILL 0
+            fi
+            return
+        fi
+        sleep 1
+    done
 }
 trap end TERM INT
 "$@" &
 child=$!
 if [ -n "$stopped" ]; then end; fi
+if [ -n "$lease_file" ]; then
+    supervise &
+    watcher=$!
+fi
 wait "$child"
 code=$?
 while kill -0 "$child" 2>/dev/null; do
     wait "$child"
     code=$?
 done
-printf '%s\\n' "$code" > "$exit_file.tmp.$$" && mv -f "$exit_file.tmp.$$" "$exit_file"
-exit "$code"
+if [ -n "$watcher" ]; then kill -KILL "$watcher" 2>/dev/null; fi
+leave "$code"
 """
 
 
 def exit_file(log_path: Path) -> Path:
     """Where the job script leaves the exit code: beside the log, on storage both ends see."""
     return log_path.with_name(log_path.stem + ".exit")
+
+
+def lapsed_file(exit_path: Path) -> Path:
+    """Where the job script says why it ended the stage itself: the node's lease ran out."""
+    return exit_path.with_name(exit_path.name + ".lapsed")
 
 
 def sbatch_options(spec: LaunchSpec, settings: SlurmSettings, comment: str, features: frozenset[str] = frozenset(),
@@ -95,14 +165,15 @@ def job_environment(spec: LaunchSpec, container: str | None, node: str) -> tuple
     `container`: the name of the container the job runs the stage's image in; None: the command runs as it is.
     """
     host = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV)}
-    exit_path = str(exit_file(Path(spec.log_path).absolute()))
+    script = [str(exit_file(Path(spec.log_path).absolute())), container or "",
+              str(Path(spec.lease_file).absolute()) if spec.lease_file is not None else "", "--"]
     if container is None:
         input_dir = str(Path(spec.input_dir).absolute()) if spec.input_dir is not None else None
         stage = _without_gpu_indexes(spec, stage_env(spec, str(Path(spec.resources_dir).absolute()), input_dir,
                                                      str(Path(spec.workspace_dir).absolute())))
-        return {**host, **stage}, [exit_path, "", "--", *expand(spec.command, {**host, **stage})]
+        return {**host, **stage}, [*script, *expand(spec.command, {**host, **stage})]
     stage = _without_gpu_indexes(spec, stage_env(spec, "/resources", "/input" if spec.input_dir else None, "/workspace"))
-    return {**host, **stage}, [exit_path, container, "--", *_docker_arguments(spec, stage, node)]
+    return {**host, **stage}, [*script, *_docker_arguments(spec, stage, node)]
 
 
 def export_file(env: Mapping[str, str], spec: LaunchSpec) -> bytes:

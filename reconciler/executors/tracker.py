@@ -7,6 +7,10 @@ runs it holds. The `RunTracker` around it makes it an `Executor`:
 - it follows each run from start (or adoption) to its exit report, one thread
   per run, and refuses a second start of a run it follows;
 - it stops a run whose timeout is up; an adopted run keeps its deadline;
+- a run the engine queues (spawn's StartInfo has no `started`: a Slurm job
+  PENDING) is followed from its submission, but its timeout counts from when
+  it begins: the engine's wait() says so through `report_start`, which also
+  tells the node (`on_start`) of each new reason to wait and of the start;
 - it hands each exit to `on_exit` exactly once, at once, from the run's thread;
   a stop's reason wins over the reason the engine saw ("aborted", not "killed
   by signal SIGTERM");
@@ -25,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from reconciler.clock import seconds_between, utcnow
 from reconciler.errors import ExecutorError
-from reconciler.executors.base import ExitCallback, ExitInfo, LaunchSpec, RunningInfo, StartInfo
+from reconciler.executors.base import ExitCallback, ExitInfo, LaunchSpec, RunningInfo, StartCallback, StartInfo
 from reconciler.units import format_duration
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class Ended:
     exit_code: int | None
     finished: str
     reason: str | None = None
+    started: str | None = None  # a queued run that began and ended between two looks: when it began
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Found(Generic[H]):
     state: str  # what the engine says of it ("running", "exited"), for the log line
     timeout: float | None = None  # None also for a run that has already ended
     elapsed: float = 0.0  # seconds since it started: the timeout counts from then, not from adoption
+    queued: bool = False  # it has not begun yet: its timeout counts from the start the engine reports
 
 
 class Engine(Protocol[H]):
@@ -76,7 +83,11 @@ class Engine(Protocol[H]):
         """Undo prepare() for a claim that did not land."""
 
     def spawn(self, spec: LaunchSpec) -> tuple[H, StartInfo]:
-        """Start the run; once this returns, runs() and adopt() find it until release()."""
+        """Start the run; once this returns, runs() and adopt() find it until release().
+
+        A StartInfo without `started` queues it: wait() then calls the tracker's `report_start`
+        when the queue gives a new reason and when the run begins.
+        """
 
     def wait(self, handle: H, closing: threading.Event) -> Ended | None:
         """Block until the run ended; None soon after `closing` is set (no wait may be unbounded)."""
@@ -109,6 +120,8 @@ class _Run(Generic[H]):
     run_id: str
     handle: H
     started: str | None
+    queued: bool = False  # waits in the engine's queue: no timer yet, and the node hears of its start later
+    timeout: float | None = None
     stop_reason: str | None = None
     stopping: bool = False
     timer: threading.Timer | None = None
@@ -130,6 +143,7 @@ class RunTracker(Generic[H]):
         self.images = engine.images
         self.engine = engine
         self._on_exit = on_exit
+        self.on_start: StartCallback | None = None  # the node's: see Executor.on_start
         self._lock = threading.Lock()
         self._runs: dict[Key, _Run[H] | None] = {}  # None: being prepared or started, not to be adopted
         self._prepared: set[Key] = set()
@@ -172,8 +186,8 @@ class RunTracker(Generic[H]):
         except BaseException:
             self._unreserve(key)
             raise
-        run = _Run(spec.project, spec.run_id, handle, info.started)
-        log.info("started: %s", self._describe(run))
+        run = _Run(spec.project, spec.run_id, handle, info.started, queued=info.started is None)
+        log.info("%s: %s", "queued" if run.queued else "started", self._describe(run))
         self._follow(run, spec.timeout, 0.0)
         return info
 
@@ -196,6 +210,30 @@ class RunTracker(Generic[H]):
             runs = [r for r in self._runs.values() if r is not None and not r.reported]
         return sorted((RunningInfo(r.project, r.run_id, r.started) for r in runs),
                       key=lambda info: (info.project, info.run_id))
+
+    def report_start(self, project: str, run_id: str, info: StartInfo) -> bool:
+        """From an engine's wait(): a queued run waits for a new reason (`started` None) or has begun.
+
+        A start arms the run's timeout, counted from `info.started`. The node hears of both
+        through `on_start`; False when that failed, for the engine to report it again later.
+        """
+        with self._lock:
+            run = self._runs.get((project, run_id))
+        if run is None or not run.queued:
+            return True
+        if not self._tell(run, info):
+            return False
+        if info.started is None:
+            return True
+        with self._lock:
+            if not run.queued:  # reported twice at once
+                return True
+            run.queued, run.started = False, info.started
+        elapsed = max(0.0, seconds_between(info.started, utcnow()) or 0.0)
+        log.info("began: %s after its queue%s", self._describe(run),
+                 f", {format_duration(elapsed)} ago" if elapsed >= 1 else "")
+        self._arm(run, elapsed)
+        return True
 
     def close(self) -> None:
         """Stop following; the runs go on, and the next executor on this node adopts them."""
@@ -222,7 +260,7 @@ class RunTracker(Generic[H]):
         found = self.engine.adopt(project, run_id)
         if found is None:
             return None
-        run = _Run(project, run_id, found.handle, found.started)
+        run = _Run(project, run_id, found.handle, found.started, queued=found.queued)
         with self._lock:
             if run.key in self._runs:  # another thread got there first, or a start is under way
                 return self._runs[run.key]
@@ -232,15 +270,31 @@ class RunTracker(Generic[H]):
         return run
 
     def _follow(self, run: _Run[H], timeout: float | None, elapsed: float) -> None:
+        run.timeout = timeout
         with self._lock:
             self._runs[run.key] = run
-        if timeout is not None:
-            run.timer = threading.Timer(max(0.0, timeout - elapsed), self._expire, args=(run, timeout))
-            run.timer.daemon = True
-            run.timer.start()
+        if not run.queued:  # a queued run's timeout counts from its start (report_start)
+            self._arm(run, elapsed)
         run.thread = threading.Thread(target=self._watch, args=(run,), daemon=True,
                                       name=f"winslow-{self.name}-{run.run_id}")
         run.thread.start()
+
+    def _arm(self, run: _Run[H], elapsed: float) -> None:
+        if run.timeout is None or self._closing.is_set():
+            return
+        run.timer = threading.Timer(max(0.0, run.timeout - elapsed), self._expire, args=(run, run.timeout))
+        run.timer.daemon = True
+        run.timer.start()
+
+    def _tell(self, run: _Run[H], info: StartInfo) -> bool:
+        if self.on_start is None:
+            return True
+        try:
+            self.on_start(run.project, run.run_id, info)
+        except Exception:  # the engine reports it again on a later look
+            log.exception("on_start failed: %s", self._describe(run))
+            return False
+        return True
 
     def _watch(self, run: _Run[H]) -> None:
         try:
@@ -253,6 +307,8 @@ class RunTracker(Generic[H]):
             return  # the run goes on, or its end stays with the engine for the next executor to report
         if run.timer is not None:
             run.timer.cancel()
+        if run.queued and ended.started is not None:  # it began and ended between two looks: its start comes first
+            self._tell(run, StartInfo(started=ended.started))
         with self._lock:
             run.done.set()
             reason = run.stop_reason or ended.reason
