@@ -683,6 +683,11 @@ class Node:
         try:
             if isinstance(spec, str):
                 raise ExecutorError(spec)
+            inputs = self._inputs(stage.inputs_for(claim.env))
+            waits = self.executor.waits_for(spec)
+            if waits:  # a pull of minutes shows as the project PENDING with why; a quick one lands with the start
+                self._record_start(claim.project, run.id, StartInfo(None, queue=self.executor.name.capitalize(),
+                                                                    reason=waits), inputs)
             started = self.executor.start(spec)
         except Exception as exc:  # noqa: BLE001 - whatever it was, the run did not start: say so, do not lose the claim
             reason = str(exc) if isinstance(exc, ExecutorError) else f"could not start: {type(exc).__name__}: {exc}"
@@ -692,7 +697,7 @@ class Node:
             self.journal.record(Fact(EXITED, claim.project, run.id, utcnow(), None, reason))
             self.wake.set()
             return
-        self._record_start(claim.project, run.id, started, self._inputs(stage.inputs_for(claim.env)))
+        self._record_start(claim.project, run.id, started, inputs)
         self.wake.set()
         if started.started is not None:
             log.info("%s/%s on %s: started (stage %s%s)", claim.project, run.id, self.name, stage.name,

@@ -65,6 +65,7 @@ def test_a_tag_is_pulled_at_the_start_and_its_digest_recorded_and_run(tmp_path: 
     assert (second["state"], second["image_digest"]) == ("SUCCEEDED", v2), second
     events = [event["message"] for event in first["events"]]
     assert any(message.startswith(f"pulled {v1}") for message in events), events
+    assert f"queued in Docker on ws-1: pulling {tagged}" in events, events  # a long pull shows the project PENDING
     log = remote.read(first["log"]) or ""
     assert f"winslow: pulling {tagged}" in log and "hello from 1-s-1" in log, log
 

@@ -107,6 +107,9 @@ class Executor(Protocol):
     def discard(self, project: str, run_id: str) -> None:
         """Undo `prepare` for a claim that did not land."""
 
+    def waits_for(self, spec: LaunchSpec) -> str | None:
+        """What starting the run will wait for first, said before the wait begins ("pulling IMAGE"); None: nothing."""
+
     def start(self, spec: LaunchSpec) -> StartInfo:
         """Start (or queue) the run; ExecutorError with a reason a person understands when it cannot."""
 

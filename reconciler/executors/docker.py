@@ -107,6 +107,18 @@ class DockerEngine:
             raise ExecutorError(f"image '{spec.image}' is not on {self.node} yet: {_explain(exc)}") from exc
         self._prepared[(spec.project, spec.run_id)] = (image, self._create(spec))
 
+    def waits_for(self, spec: LaunchSpec) -> str | None:
+        """A registry's tag is always pulled (to learn what it names now), a digest when it is not here yet."""
+        if images.registry_of(spec.image) is None:
+            return None
+        if images.by_digest(spec.image):
+            try:
+                self._client.images.get(spec.image)
+                return None
+            except _ENGINE_ERRORS:
+                pass
+        return f"pulling {spec.image}"
+
     def discard(self, project: str, run_id: str) -> None:
         prepared = self._prepared.pop((project, run_id), None)
         if prepared is not None:

@@ -151,6 +151,10 @@ class RunTracker(Generic[H]):
 
     # -- the Executor interface ------------------------------------------------
 
+    def waits_for(self, spec: LaunchSpec) -> str | None:
+        ask = getattr(self.engine, "waits_for", None)  # an engine that may wait before it starts a run says so
+        return ask(spec) if ask is not None else None
+
     def prepare(self, spec: LaunchSpec) -> None:
         key = (spec.project, spec.run_id)
         with self._lock:
