@@ -171,12 +171,23 @@ def _page(browser: Any, cluster: Cluster) -> Any:
 
 def test_live_log_follows_a_running_stage_until_it_ends_without_a_reload(browser: Any, cluster: Cluster) -> None:
     wait_for(lambda: (cluster.run("chatty", "talk") or {}).get("state") == "RUNNING", 30, "the chatty stage to run")
+    url = f"{cluster.url}/projects/chatty/runs/1-talk-1"
+
+    def shown() -> bool:  # the viewer follows the remote a moment behind: wait until it knows the run
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    wait_for(shown, 15, "the viewer to show the run")
     page = _page(browser, cluster)
-    page.goto(f"{cluster.url}/projects/chatty/runs/1-talk-1")
+    page.goto(url)
     page.evaluate("window.sameDocument = true")
     log = page.locator("pre#log")
     assert log.get_attribute("data-stream") == "/projects/chatty/runs/1-talk-1/log/stream"
-    page.wait_for_function("document.getElementById('log').textContent.includes('tick')", timeout=15_000)
+    # A locator's wait, not wait_for_function: the page's CSP (script-src 'self') refuses the eval behind that.
+    page.locator("pre#log", has_text="tick").wait_for(timeout=15_000)
     seen_live = page.locator("pre#log").inner_text()
     page.wait_for_selector("pre#log[data-ended]", timeout=30_000)
     final = log.inner_text()
@@ -203,7 +214,9 @@ def test_analyse_run_page_shows_the_demo_plot_and_its_table(browser: Any, cluste
              "the viewer to show the manifest")
     image = page.locator('img[alt="trajectories.png"]')
     image.scroll_into_view_if_needed()
-    page.wait_for_function("document.querySelector('img[alt=\"trajectories.png\"]').complete", timeout=10_000)
+    # Polled from here: wait_for_function's eval is refused by the page's CSP (script-src 'self').
+    wait_for(lambda: page.evaluate("document.querySelector('img[alt=\"trajectories.png\"]').complete"), 10,
+             "the plot to load", interval=0.1)
     assert page.evaluate("document.querySelector('img[alt=\"trajectories.png\"]').naturalWidth") > 0
     table = page.locator("figure.preview.table", has_text="vehicles.csv").locator("table")
     headers = table.locator("thead th").all_inner_texts()
