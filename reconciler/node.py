@@ -537,17 +537,17 @@ class Node:
                 log.exception("%s/%s: could not stop", stop.project, stop.run_id)
         launches = [(claim, self._spec(claim)) for claim in plan.claims]
         if plan.commit_needed:
-            commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip, self.secrets.mask,
-                                                   self.secrets.longest),
-                                      self._masked(message(plan, self.name)))
-            clock.lap("commit")
-            # Containers are created while the claim travels; none starts before the push lands.
+            # Containers are created while the claim is written and travels; none starts before it landed.
             preparing = threading.Thread(target=self._prepare, args=(launches,), name="prepare", daemon=True)
             preparing.start()
             try:
+                commit = self.repo.commit(tip, changes(plan, self.storage, self._config(), self.name, tip,
+                                                       self.secrets.mask, self.secrets.longest),
+                                          self._masked(message(plan, self.name)))
+                clock.lap("commit")
                 with self.metrics.push_seconds.time():
                     self.repo.push_main(commit)
-            except GitError:
+            except BaseException:  # the claim did not land (a lost race, git, a bug): nothing prepared may stay
                 preparing.join(timeout=60)
                 for claim, _ in launches:
                     self.executor.discard(claim.project, claim.run.id)
