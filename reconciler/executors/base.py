@@ -6,13 +6,18 @@ runs it has going so that a restarted node can adopt them.
 """
 from __future__ import annotations
 
+import datetime as _dt
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from reconciler.clock import format_time
 from reconciler.errors import ExecutorError
 from reconciler.model import fill
+
+log = logging.getLogger(__name__)
 
 LABEL_PROJECT = "winslow.project"
 LABEL_RUN = "winslow.run"
@@ -185,3 +190,20 @@ def make_folders(spec: LaunchSpec, node: str, *more: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExecutorError(f"cannot prepare the folders of run {spec.run_id} on {node}: {exc}") from exc
+
+
+def mtime_iso(path: Path) -> str | None:
+    """When a file (an exit file) was last written, as Winslow records times; None when it is not there."""
+    try:
+        return format_time(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc))
+    except OSError:
+        return None
+
+
+def remove_files(*paths: Path) -> None:
+    """Remove a run's own files (records, exit files), saying which could not be removed."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc)

@@ -16,7 +16,6 @@ counts GPUs in the same order as NVML); a stage without GPUs sees none.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import json
 import logging
@@ -33,9 +32,18 @@ from typing import Any
 
 import psutil
 
-from reconciler.clock import format_time, utcnow
+from reconciler.clock import utcnow
 from reconciler.errors import ExecutorError
-from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, expand, make_folders, stage_env
+from reconciler.executors.base import (
+    ExitCallback,
+    LaunchSpec,
+    StartInfo,
+    expand,
+    make_folders,
+    mtime_iso,
+    remove_files,
+    stage_env,
+)
 from reconciler.executors.tracker import STOP_GRACE_S, WAKE_S, Ended, Found, RunTracker, already_running
 from reconciler.fencing import FENCED
 
@@ -98,7 +106,7 @@ class ProcessEngine:
 
     def wait(self, run: _Process, closing: threading.Event) -> Ended | None:
         if run.popen is None and run.process is None:
-            finished = _mtime_iso(run.exit_file) or utcnow()
+            finished = mtime_iso(run.exit_file) or utcnow()
         elif _await_end(run, closing):
             finished = utcnow()
         else:
@@ -149,7 +157,7 @@ class ProcessEngine:
         return Found(run, data.get("started"), "running", None if timeout is None else float(timeout), elapsed)
 
     def release(self, run: _Process) -> None:
-        _remove(run.record, run.exit_file, _lapsed_file(run.exit_file))
+        remove_files(run.record, run.exit_file, _lapsed_file(run.exit_file))
 
     def interrupt(self, run: _Process) -> None:
         """Nothing to do: a wait looks at `closing` at least every WAKE_S."""
@@ -245,7 +253,7 @@ class ProcessEngine:
         except subprocess.TimeoutExpired:
             log.warning("wrapper did not end after SIGKILL: node=%s project=%s run=%s %s",
                         self.node, run.project, run.run_id, run)
-        _remove(run.record, run.exit_file, _lapsed_file(run.exit_file))
+        remove_files(run.record, run.exit_file, _lapsed_file(run.exit_file))
 
     def _record_path(self, project: str, run_id: str) -> Path:
         for part in (project, run_id):
@@ -387,18 +395,3 @@ def _read_exit_code(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _mtime_iso(path: Path) -> str | None:
-    try:
-        return format_time(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc))
-    except OSError:
-        return None
-
-
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", path, exc)

@@ -29,7 +29,6 @@ capacity.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -40,10 +39,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler.clock import format_time, parse_time, utcnow
+from reconciler.clock import parse_time, utcnow
 from reconciler.errors import ExecutorError
 from reconciler.executors import LOST_REASON
-from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, make_folders
+from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, make_folders, mtime_iso, remove_files
 from reconciler.executors.slurmctl import COMMAND_TIMEOUT_S, JobView, Slurm, SlurmMachine, gone
 from reconciler.executors.slurmjob import (
     JOB_SCRIPT,
@@ -143,7 +142,7 @@ class SlurmEngine:
         make_folders(spec, self.node, record.parent, *([Path(spec.resources_dir)] if self.container else []))
         log_path = Path(spec.log_path).absolute()
         # An earlier attempt's exit code, or its note of a lapsed lease, must not pass for this one's.
-        _remove(exit_file(log_path), lapsed_file(exit_file(log_path)))
+        remove_files(exit_file(log_path), lapsed_file(exit_file(log_path)))
         settings = self._settings()
         # Written before sbatch: a node that dies in between finds the job again by its comment.
         _write_record(record, {"project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "job_id": None,
@@ -152,7 +151,7 @@ class SlurmEngine:
         try:
             job_id = self._submit(spec, settings, log_path)
         except BaseException:
-            _remove(record)
+            remove_files(record)
             raise
         _write_record(record, {**json.loads(record.read_text()), "job_id": job_id})
         # Queued: it starts when Slurm says so, and the watcher reports it then.
@@ -207,7 +206,7 @@ class SlurmEngine:
         job_id = data.get("job_id") or self._find(project, run_id)
         if job_id is None:
             if record.exists() and not data.get("job_id"):
-                _remove(record)  # never submitted: the node died before sbatch
+                remove_files(record)  # never submitted: the node died before sbatch
             return None
         try:
             seen = self.slurm.job(str(job_id))
@@ -233,7 +232,7 @@ class SlurmEngine:
 
     def release(self, job: _Job) -> None:
         self._released.add(job.job_id)
-        _remove(job.record, job.exit_file, lapsed_file(job.exit_file))
+        remove_files(job.record, job.exit_file, lapsed_file(job.exit_file))
 
     def interrupt(self, job: _Job) -> None:
         """The executor closes: the wait looks at `closing` now."""
@@ -347,12 +346,12 @@ class SlurmEngine:
         """The job has left slurmctld's memory: accounting, where it answers, else the exit file."""
         accounted = self.slurm.accounted(job.job_id)
         if accounted is not None:
-            return _ended(job, *accounted, _mtime_iso(job.exit_file) or utcnow())
+            return _ended(job, *accounted, mtime_iso(job.exit_file) or utcnow())
         try:
             code = int(job.exit_file.read_text().strip())
         except (OSError, ValueError):
             return Ended(None, utcnow(), UNKNOWN_EXIT)
-        return _ended(job, "COMPLETED" if code == 0 else "FAILED", code, 0, _mtime_iso(job.exit_file) or utcnow())
+        return _ended(job, "COMPLETED" if code == 0 else "FAILED", code, 0, mtime_iso(job.exit_file) or utcnow())
 
     def _kill(self, job: _Job) -> None:
         try:
@@ -482,18 +481,3 @@ def _load_record(path: Path) -> dict[str, Any] | None:
         log.warning("ignoring an unreadable job record %s: %s", path, exc)
         return None
     return data if isinstance(data, dict) else None
-
-
-def _mtime_iso(path: Path) -> str | None:
-    try:
-        return format_time(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc))
-    except OSError:
-        return None
-
-
-def _remove(*paths: Path) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", path, exc)
