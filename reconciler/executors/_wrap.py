@@ -158,20 +158,26 @@ def _end_leftovers() -> None:
     _signal_group(signal.SIGKILL)
 
 
-def _group_members() -> list[int]:
-    """The live processes of the wrapper's group but itself (zombies, already ended, are left out)."""
-    group, me, members = os.getpgrp(), os.getpid(), []
+def _live(keep: int, value: int) -> list[int]:
+    """Live processes (zombies, already ended, left out) but the wrapper whose /proc stat field `keep` (1: ppid,
+    2: pgrp, counted after the state) is `value`."""
+    me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
+                fields = handle.read().rsplit(b")", 1)[1].split()  # state, ppid, pgrp, ...
         except OSError:
             continue
-        if fields[0] != b"Z" and int(fields[2]) == group:  # state, then ppid, then pgrp
-            members.append(int(entry))
-    return members
+        if fields[0] != b"Z" and int(fields[keep]) == value:
+            found.append(int(entry))
+    return found
+
+
+def _group_members() -> list[int]:
+    """The live processes of the wrapper's group but itself."""
+    return _live(2, os.getpgrp())
 
 
 def _tell(ready_fd: int | None, message: str) -> None:
@@ -227,18 +233,7 @@ def _become_subreaper() -> None:
 
 def _children() -> list[int]:
     """The wrapper's live children (orphans of the stage come here: it is their subreaper)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != b"Z" and int(fields[1]) == me:
-            found.append(int(entry))
-    return found
+    return _live(1, os.getpid())
 
 
 def _end_descendants() -> None:

@@ -7,11 +7,13 @@ runs it has going so that a restarted node can adopt them.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from reconciler.clock import format_time
 from reconciler.errors import ExecutorError
@@ -207,3 +209,13 @@ def remove_files(*paths: Path) -> None:
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc)
+
+
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """A run's own record (JSON), replaced whole: a reader never sees half of it."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        temp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise ExecutorError(f"cannot write the run record {path}: {exc}") from exc

@@ -43,6 +43,7 @@ from reconciler.executors.base import (
     mtime_iso,
     remove_files,
     stage_env,
+    write_record,
 )
 from reconciler.executors.tracker import STOP_GRACE_S, WAKE_S, Ended, Found, RunTracker, already_running
 from reconciler.fencing import FENCED
@@ -189,7 +190,7 @@ class ProcessEngine:
         started = utcnow()
         run = _Process(spec.project, spec.run_id, popen.pid, popen.pid, record, exit_file, popen=popen)
         try:
-            _write_record(record, {
+            write_record(record, {
                 "project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "node": self.node,
                 "pid": popen.pid, "pgid": popen.pid, "create_time": psutil.Process(popen.pid).create_time(),
                 "started": started, "started_epoch": time.time(), "timeout": spec.timeout,
@@ -367,15 +368,6 @@ def _kill_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _write_record(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        temp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(temp, path)
-    except OSError as exc:
-        raise ExecutorError(f"cannot write the run record {path}: {exc}") from exc
 
 
 def _load_record(path: Path) -> dict[str, Any] | None:

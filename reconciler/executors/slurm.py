@@ -42,7 +42,15 @@ from typing import Any
 from reconciler.clock import parse_time, utcnow
 from reconciler.errors import ExecutorError
 from reconciler.executors import LOST_REASON
-from reconciler.executors.base import ExitCallback, LaunchSpec, StartInfo, make_folders, mtime_iso, remove_files
+from reconciler.executors.base import (
+    ExitCallback,
+    LaunchSpec,
+    StartInfo,
+    make_folders,
+    mtime_iso,
+    remove_files,
+    write_record,
+)
 from reconciler.executors.slurmctl import COMMAND_TIMEOUT_S, JobView, Slurm, SlurmMachine, gone
 from reconciler.executors.slurmjob import (
     JOB_SCRIPT,
@@ -145,7 +153,7 @@ class SlurmEngine:
         remove_files(exit_file(log_path), lapsed_file(exit_file(log_path)))
         settings = self._settings()
         # Written before sbatch: a node that dies in between finds the job again by its comment.
-        _write_record(record, {"project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "job_id": None,
+        write_record(record, {"project": spec.project, "run_id": spec.run_id, "stage": spec.stage, "job_id": None,
                                "log": str(log_path), "timeout": spec.timeout, "submitted": utcnow(), "started": None,
                                "started_epoch": None})
         try:
@@ -153,7 +161,7 @@ class SlurmEngine:
         except BaseException:
             remove_files(record)
             raise
-        _write_record(record, {**json.loads(record.read_text()), "job_id": job_id})
+        write_record(record, {**json.loads(record.read_text()), "job_id": job_id})
         # Queued: it starts when Slurm says so, and the watcher reports it then.
         return _Job(spec.project, spec.run_id, job_id, record, log_path, spec.timeout), StartInfo(None, queue=QUEUE)
 
@@ -221,7 +229,7 @@ class SlurmEngine:
         job = _Job(project, run_id, str(job_id), record, Path(log_text), None if timeout is None else float(timeout),
                    began=data.get("started") is not None)
         if not data:
-            _write_record(record, {"project": project, "run_id": run_id, "job_id": job.job_id, "log": log_text,
+            write_record(record, {"project": project, "run_id": run_id, "job_id": job.job_id, "log": log_text,
                                    "timeout": None, "started": None, "started_epoch": None})
         if state not in _LIVE and state != "UNKNOWN":
             return Found(job, data.get("started"), state.lower())
@@ -337,7 +345,7 @@ class SlurmEngine:
         when = parse_time(started)
         data = _load_record(job.record) or {}
         try:
-            _write_record(job.record, {**data, "started": started,
+            write_record(job.record, {**data, "started": started,
                                        "started_epoch": when.timestamp() if when else time.time()})
         except ExecutorError as exc:  # an adopting node then takes the start from Slurm again
             log.warning("%s: node=%s project=%s run=%s", exc, self.node, job.project, job.run_id)
@@ -461,15 +469,6 @@ def _log_line(path: Path, line: str) -> None:
             out.write(line.encode() + b"\n")
     except OSError as exc:
         log.warning("cannot write log file %s: %s", path, exc)
-
-
-def _write_record(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        temp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(temp, path)
-    except OSError as exc:
-        raise ExecutorError(f"cannot write the job record {path}: {exc}") from exc
 
 
 def _load_record(path: Path) -> dict[str, Any] | None:
