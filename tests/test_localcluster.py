@@ -70,7 +70,15 @@ def push_project(url: str, clone: Path) -> None:
     (clone / "projects" / "hello" / "project.yaml").write_text(PROJECT)
     git(clone, "add", "-A")
     git(clone, "commit", "-qm", "hello: a one-stage project, request 1")
-    git(clone, "push", "-q", "origin", "main")
+    # The nodes commit too (the template's example project gets its status as they start),
+    # so the push may be rejected as any user's would be: rebase onto theirs and push again.
+    for _ in range(10):
+        pushed = subprocess.run(["git", "push", "-q", "origin", "main"], cwd=clone, capture_output=True, text=True,
+                                env=GIT_ENV)
+        if pushed.returncode == 0:
+            return
+        git(clone, "pull", "-q", "--rebase", "origin", "main")
+    raise AssertionError(f"the push was rejected ten times: {pushed.stderr}")
 
 
 def remote_state(clone: Path) -> str | None:
