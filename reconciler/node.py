@@ -157,7 +157,6 @@ class Node:
         self._outage: set[str] = set()  # what git said (each message once) since the remote became unreachable
         self._failures = 0  # fetches or pushes in a row that could not reach the remote
         self._stop_reason = "asked to stop"
-        self._machine_failures: dict[tuple[str, str], str] = {}  # runs stopped because the machine failed them
         self._cycle_failures = 0  # cycles in a row that raised: past DEGRADED_AFTER the heartbeat says so
         self._cycle_error: str | None = None
         self._fetched = 0.0
@@ -179,10 +178,10 @@ class Node:
     # -- events from other threads ------------------------------------------------------------
     def _on_exit(self, info: ExitInfo) -> None:
         """Record the exit at once; the workspace is listed and hashed afterwards (`lister.py`)."""
-        # Ended by fencing, here or by its supervisor while this node was frozen: the node's failure, not the program's.
+        # Ended by fencing, here or by its supervisor while this node was frozen, or stopped because the machine
+        # failed it (the reason says so, also to a later life of the node): the node's failure, not the program's.
         info = replace(info, reason=self._masked(info.reason)) if info.reason else info
-        lost = (self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith((FENCED, LOST_REASON))
-                or self._machine_failures.pop((info.project, info.run_id), None) is not None)
+        lost = self.fence.ended((info.project, info.run_id)) or (info.reason or "").startswith((FENCED, LOST_REASON))
         if info.reason and info.reason.startswith(LOST_REASON):  # an executor's word for it: the state says LOST
             info = replace(info, reason=info.reason.removeprefix(LOST_REASON))
         self.lister.list_later(info.project, info.run_id)  # first: a cycle that sees the exit knows it is being listed
@@ -237,11 +236,10 @@ class Node:
             if not lost:
                 continue
             reason = f"GPU {', '.join(map(str, lost))} of {self.name} vanished (NVML no longer reports it)"
-            self._machine_failures[(running.project, running.run_id)] = reason
             log.warning("%s/%s on %s: stopping: %s", running.project, running.run_id, self.name, reason,
                         extra=_fields(running.project, running.run_id, self.name, "gpu vanished"))
             try:
-                self.executor.stop(running.project, running.run_id, reason)
+                self.executor.stop(running.project, running.run_id, LOST_REASON + reason)
             except Exception:  # noqa: BLE001 - one run that cannot be stopped does not keep the others going
                 log.exception("%s/%s: could not stop", running.project, running.run_id)
 

@@ -440,30 +440,34 @@ def test_a_stage_that_ended_while_nobody_watched_is_reported_with_its_real_exit_
     second_exits.assert_none()
 
 
-def test_a_stage_outlives_a_killed_reconciler_and_its_exit_code_still_arrives(make_spec, state_dir):
-    """The reconciler is a real separate process, killed hard: the stage is no child of ours."""
-    spec = _gated_stage(make_spec, 9)
+def _killed_reconciler(spec: LaunchSpec, state_dir: Path, notes: Path | None = None, then: str = "") -> None:
+    """A reconciler in a process of its own starts `spec`, runs the Python in `then`, and is killed hard."""
     script = textwrap.dedent(f"""
-        import sys, threading
+        import threading, time
         from pathlib import Path
         from reconciler.executors.base import LaunchSpec
         from reconciler.executors.process import ProcessExecutor
-        ex = ProcessExecutor({NODE!r}, lambda info: None, Path({str(state_dir)!r}))
+        notes = {str(notes) if notes else None!r}
+        ex = ProcessExecutor({NODE!r}, lambda info: None, Path({str(state_dir)!r}), notes=notes and Path(notes))
         ex.start(LaunchSpec(project={PROJECT!r}, run_id={spec.run_id!r}, stage="detect", node={NODE!r},
                             image="unused", command={spec.command!r}, env={{}},
                             resources_dir=Path({str(spec.resources_dir)!r}),
                             workspace_dir=Path({str(spec.workspace_dir)!r}), input_dir=None,
                             log_path=Path({str(spec.log_path)!r})))
-        print("started", flush=True)
-        threading.Event().wait(60)
-    """)
+    """) + textwrap.dedent(then) + 'print("ready", flush=True)\nthreading.Event().wait(60)\n'
     reconciler = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert reconciler.stdout is not None
-        assert reconciler.stdout.readline().strip() == "started"
+        assert reconciler.stdout.readline().strip() == "ready"
     finally:
         reconciler.kill()
         reconciler.wait(timeout=10)
+
+
+def test_a_stage_outlives_a_killed_reconciler_and_its_exit_code_still_arrives(make_spec, state_dir):
+    """The reconciler is a real separate process, killed hard: the stage is no child of ours."""
+    spec = _gated_stage(make_spec, 9)
+    _killed_reconciler(spec, state_dir)
 
     exits = Exits()
     second = ProcessExecutor(NODE, exits, state_dir)
@@ -476,6 +480,34 @@ def test_a_stage_outlives_a_killed_reconciler_and_its_exit_code_still_arrives(ma
 
     assert (info.exit_code, info.reason) == (9, None)
     wait_until(lambda: records(state_dir) == [])
+
+
+def test_a_stop_s_reason_outlives_a_reconciler_killed_before_the_stage_ended(make_spec, state_dir, tmp_path):
+    """Stopped, then killed hard while the stage still winds down: the next life reports why it was stopped."""
+    notes = tmp_path / "stops"
+    spec = make_spec("sh", "-c", "trap 'sleep 0.5; exit 143' TERM; touch up; while :; do sleep 0.05; done")
+    _killed_reconciler(spec, state_dir, notes, then=f"""
+        for _ in range(200):  # until the stage has set its trap
+            if Path({str(spec.workspace_dir / "up")!r}).exists():
+                break
+            time.sleep(0.05)
+        ex.stop({PROJECT!r}, {spec.run_id!r}, "superseded by request 5")
+    """)  # killed before the stage's trap has ended it
+    pid = json.loads(records(state_dir)[0].read_text())["pid"]
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+
+    exits = Exits()
+    second = ProcessExecutor(NODE, exits, state_dir, notes=notes)
+    try:
+        second.running()  # adopts the ended run
+        info = exits.next()
+        wait_until(lambda: second.running() == [])
+    finally:
+        second.close()
+
+    assert (info.exit_code, info.reason) == (143, "superseded by request 5")
+    wait_until(lambda: records(state_dir) == [])
+    assert list(notes.rglob("*")) == []  # the reason is gone with the record it explained
 
 
 def test_a_record_whose_process_is_gone_without_an_exit_code_reports_it_unknown(executor, exits, state_dir):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.executors.base import Executor, ExitInfo, LaunchSpec, RunningInfo, StartInfo, cluster_id
+from reconciler.executors.base import STOP_NOTES, Executor, ExitInfo, LaunchSpec, RunningInfo, StartInfo, cluster_id
 from reconciler.fencing import LEASE_FILE
 from reconciler.model import SlurmSettings
 
@@ -22,6 +22,6 @@ def make_executor(kind: str, name: str, on_exit: Callable[[ExitInfo], None], wor
     if kind == "slurm":
         from reconciler.executors.slurm import SlurmExecutor
         return SlurmExecutor(name, on_exit, work / "slurm", cluster=cluster_id(repo), settings=slurm,
-                             container=container)
+                             container=container, notes=work / STOP_NOTES)
     from reconciler.executors.process import ProcessExecutor
-    return ProcessExecutor(name, on_exit, work / "processes", lease_file=work / LEASE_FILE)
+    return ProcessExecutor(name, on_exit, work / "processes", lease_file=work / LEASE_FILE, notes=work / STOP_NOTES)

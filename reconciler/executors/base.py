@@ -26,6 +26,7 @@ LABEL_RUN = "winslow.run"
 LABEL_NODE = "winslow.node"
 LABEL_STAGE = "winslow.stage"
 LABEL_CLUSTER = "winslow.cluster"  # which state repo: two clusters may share one engine
+STOP_NOTES = "stops"  # in a node's work folder: why each run it stops was stopped, until its exit is reported
 
 
 def cluster_id(repo_url: str) -> str:

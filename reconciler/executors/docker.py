@@ -33,6 +33,7 @@ from reconciler.executors.base import (
     LABEL_PROJECT,
     LABEL_RUN,
     LABEL_STAGE,
+    STOP_NOTES,
     ExitCallback,
     LaunchSpec,
     StartInfo,
@@ -337,7 +338,8 @@ class DockerExecutor(RunTracker[_Container]):
 
     def __init__(self, node: str, on_exit: ExitCallback, client: Any = None, cluster: str = "",
                  work: Path | None = None) -> None:
-        super().__init__(node, on_exit, DockerEngine(node, client, cluster, work))
+        super().__init__(node, on_exit, DockerEngine(node, client, cluster, work),
+                         notes=work / STOP_NOTES if work is not None else None)
         if work is not None:
             watchdog.ensure(node, cluster, work)
 

@@ -266,8 +266,9 @@ class ProcessEngine:
 class ProcessExecutor(RunTracker[_Process]):
     """The Executor of a node whose stages run as its own processes."""
 
-    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path, lease_file: Path | None = None) -> None:
-        super().__init__(node, on_exit, ProcessEngine(node, state_dir, lease_file))
+    def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path, lease_file: Path | None = None,
+                 notes: Path | None = None) -> None:
+        super().__init__(node, on_exit, ProcessEngine(node, state_dir, lease_file), notes)
 
 
 def _await_end(run: _Process, closing: threading.Event) -> bool:

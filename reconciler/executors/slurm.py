@@ -415,9 +415,10 @@ class SlurmExecutor(RunTracker[_Job]):
     shared_lease = True
 
     def __init__(self, node: str, on_exit: ExitCallback, state_dir: Path, cluster: str = "",
-                 settings: Callable[[], SlurmSettings] = SlurmSettings, container: str | None = None) -> None:
+                 settings: Callable[[], SlurmSettings] = SlurmSettings, container: str | None = None,
+                 notes: Path | None = None) -> None:
         engine = SlurmEngine(node, state_dir, cluster, settings, container, report=self.report_start)
-        super().__init__(node, on_exit, engine)
+        super().__init__(node, on_exit, engine, notes)
         self.machine = SlurmMachine(engine.slurm, settings)
 
 

@@ -13,7 +13,9 @@ runs it holds. The `RunTracker` around it makes it an `Executor`:
   tells the node (`on_start`) of each new reason to wait and of the start;
 - it hands each exit to `on_exit` exactly once, at once, from the run's thread;
   a stop's reason wins over the reason the engine saw ("aborted", not "killed
-  by signal SIGTERM");
+  by signal SIGTERM"). The reason is written down (`notes`) before the engine
+  is asked, so a node killed between the stop and the end records it too: the
+  next life adopts the ended run with the reason it was stopped for;
 - a run stays in `running()` until `on_exit` has returned. When `on_exit` fails,
   the engine keeps what makes the run findable (its container, its record), so
   a later `running()` adopts the run again and reports it again;
@@ -24,9 +26,11 @@ runs it holds. The `RunTracker` around it makes it an `Executor`:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from reconciler.clock import seconds_between, utcnow
@@ -137,8 +141,9 @@ class _Run(Generic[H]):
 class RunTracker(Generic[H]):
     """An Executor made of an engine: the bookkeeping of the runs it follows."""
 
-    def __init__(self, node: str, on_exit: ExitCallback, engine: Engine[H]) -> None:
+    def __init__(self, node: str, on_exit: ExitCallback, engine: Engine[H], notes: Path | None = None) -> None:
         self.node = node
+        self._notes = notes  # a stop's reason per run, kept until its exit is reported: outlives the node process
         self.name = engine.name
         self.images = engine.images
         self.engine = engine
@@ -264,12 +269,14 @@ class RunTracker(Generic[H]):
         found = self.engine.adopt(project, run_id)
         if found is None:
             return None
-        run = _Run(project, run_id, found.handle, found.started, queued=found.queued)
+        run = _Run(project, run_id, found.handle, found.started, queued=found.queued,
+                   stop_reason=self._noted(project, run_id))
         with self._lock:
             if run.key in self._runs:  # another thread got there first, or a start is under way
                 return self._runs[run.key]
             self._runs[run.key] = run
-        log.info("adopting: %s state=%s", self._describe(run), found.state)
+        log.info("adopting: %s state=%s%s", self._describe(run), found.state,
+                 f" stopped for: {run.stop_reason}" if run.stop_reason else "")
         self._follow(run, found.timeout, found.elapsed)
         return run
 
@@ -331,6 +338,7 @@ class RunTracker(Generic[H]):
             self.engine.release(run.handle)
         except Exception:
             log.exception("cannot release the run: %s", self._describe(run))
+        self._unnote(run)
 
     # -- stopping ----------------------------------------------------------------
 
@@ -353,6 +361,8 @@ class RunTracker(Generic[H]):
             run.stopping = True
             if run.stop_reason is None:
                 run.stop_reason = reason
+            reason = run.stop_reason
+        self._note(run, reason)
         log.info("stopping: %s reason=%s", self._describe(run), reason)
         try:
             self.engine.stop(run.handle, STOP_GRACE_S)
@@ -360,6 +370,46 @@ class RunTracker(Generic[H]):
             with self._lock:
                 run.stopping = False
             raise
+
+    # -- the stop notes ------------------------------------------------------------
+
+    def _note_path(self, project: str, run_id: str) -> Path | None:
+        return None if self._notes is None else self._notes / project / f"{run_id}.stop"
+
+    def _note(self, run: _Run[H], reason: str) -> None:
+        """Written whole (a temporary file renamed) before the engine is asked to stop the run."""
+        path = self._note_path(run.project, run.run_id)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_text(reason, encoding="utf-8")
+            os.replace(partial, path)
+        except OSError as exc:  # the stop matters more: a later life would report the engine's reason
+            log.error("cannot note why the run stops: %s: %s", self._describe(run), exc)
+
+    def _noted(self, project: str, run_id: str) -> str | None:
+        path = self._note_path(project, run_id)
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8") or None
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("cannot read why run %s of %s was stopped: %s", run_id, project, exc)
+            return None
+
+    def _unnote(self, run: _Run[H]) -> None:
+        path = self._note_path(run.project, run.run_id)
+        if path is None:
+            return
+        try:
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()  # the project's folder, once it holds no other note
+        except OSError:
+            pass
 
     # -- the registry ------------------------------------------------------------
 
