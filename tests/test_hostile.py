@@ -942,10 +942,16 @@ def node_faults(root: Path, rng: random.Random, seconds: float = 12, users_push:
                        "projects/fin/project.yaml": project_yaml("quick", {"CODE": 0, "NAP": 0})}, "the end")
         wait_for(lambda: harness.remote.status("fin").get("state") == "SUCCEEDED", 60, "a project pushed last to run")
         wait_for(lambda: not holders_of(harness, longs), 30, "the aborted stages to stop")
-        mine = [p for user in users for p in user.projects]
+        last = {p: user.requests[p] for user in users for p in user.projects}
+        mine = list(last)
+
+        def settled(project: str) -> bool:  # its last request placed and run, and nothing of it running
+            status = harness.remote.status(project)
+            return (status.get("observed_request", 0) >= last[project] and status.get("state") not in STILL
+                    and not any(r["state"] == "RUNNING" for r in status.get("runs") or []))
+
         try:  # a stage lasts 1.5 s at most: a run still RUNNING by then is an exit nobody recorded
-            wait_for(lambda: not any(r["state"] == "RUNNING" for p in mine
-                                     for r in harness.remote.status(p).get("runs") or []), 30, "every exit to be recorded")
+            wait_for(lambda: all(settled(p) for p in mine), 30, "every exit to be recorded")
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{harness.where(mine)}") from None
         harness.assert_cycling(names)
@@ -981,6 +987,7 @@ def node_faults(root: Path, rng: random.Random, seconds: float = 12, users_push:
 
 
 STOPPED = ("superseded", "aborted", "stopped")  # reasons of a run the node itself ended
+STILL = ("PENDING", "RUNNING")  # a project's states while its request is still to be run
 
 
 def _exit_problems(project: str, run: dict[str, Any]) -> list[str]:
