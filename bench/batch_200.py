@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +77,16 @@ def plain_loop(executor: str, count: int, duration: float) -> float:
     with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
         list(pool.map(one, range(count)))
     return time.monotonic() - began
+
+
+def node_cpu(pid: int) -> float:
+    """CPU seconds a node process has used, with the git commands it ran and waited for (its containers and
+    stages are not its children: the Docker engine's, or the wrapper's after it left)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def history_bytes(remote: Path, base: str) -> tuple[int, int]:
@@ -148,6 +159,7 @@ def main() -> int:
         wall = ended - began
         runs = [r for s in done.values() for r in s.get("runs", [])]
         busy = sum(seconds(r.get("finished")) - seconds(r.get("started")) for r in runs if r.get("started"))
+        cpu = sum(node_cpu(node.pid) for node in nodes)
         commits = int(git(remote, "rev-list", "--count", "main")) - before
         writes = len(git(remote, "log", "--format=", "--name-only", f"HEAD~{commits}..main", "--",
                          "projects/*/status.yaml").split())
@@ -160,6 +172,8 @@ def main() -> int:
         print(f"{'floor: a plain 10-wide loop':<40}{floor:8.1f} s")
         print(f"{'ratio to the floor':<40}{wall / floor:8.2f}x")
         print(f"{'slots busy':<40}{100 * busy / (wall * SLOTS):8.0f} %")
+        share = 100 * cpu / (wall * (os.cpu_count() or 1))
+        print(f"{'CPU used by the nodes and their git':<40}{cpu:8.1f} s = {share:.0f} % of the machine's")
         print(f"{'commits on main':<40}{commits:8d}")
         print(f"{'status.yaml writes per stage run':<40}{writes / max(1, len(runs)):8.1f}")
         print(f"{'commits on main per stage run':<40}{commits / max(1, len(runs)):8.2f}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from reconciler import layout
 from reconciler.clock import seconds_between, utcnow
 from reconciler.decide import Plan
-from reconciler.facts import QUEUED, STARTED, Fact
+from reconciler.facts import EXITED, QUEUED, STARTED, Fact
 from reconciler.model import ClusterConfig
 from reconciler.snapshot import Snapshot
 
@@ -85,20 +85,23 @@ class DecisionMemory:
         self._started[fact.key] = time.monotonic()
 
     def fresh_starts(self, facts: Iterable[Fact]) -> set[FactKey]:
-        """Start (and queued) facts younger than STARTED_DELAY_S: they wait for the node's next commit, or for the delay.
+        """Start (and queued) facts younger than STARTED_DELAY_S whose run has not ended: they stay off main for now.
 
-        A short stage's start then lands with its end, and a start with the next claim or
-        exit of this node: one status write less per run, a few seconds later at most.
+        A short stage's start then lands with its end: one status write less per run. A start
+        falls due after the delay and goes in the next commit, with every other start pending
+        then; it also goes earlier with any commit that writes its project's status anyway. A run
+        queued in its executor (a Slurm job PENDING) that starts within the delay lands its queueing
+        with its start, so the project never shows PENDING for a job that did not wait.
         """
         now = time.monotonic()
         facts = list(facts)
         pending = {f.key for f in facts if f.kind in (STARTED, QUEUED)}
         self._started = {key: at for key, at in self._started.items() if key in pending}
-        held = {key for key, at in self._started.items() if now - at < STARTED_DELAY_S}
-        # A run queued in its executor (a Slurm job PENDING) that started meanwhile: its queueing lands with its
-        # start, so the project never shows PENDING for a job that did not wait.
-        starting = {(project, run) for kind, project, run in held if kind == STARTED}
-        return held | {f.key for f in facts if f.kind == QUEUED and (f.project, f.run_id) in starting}
+        ended = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
+        waiting = [f.key for f in facts if f.kind in (STARTED, QUEUED) and (f.project, f.run_id) not in ended]
+        if any(now - self._started.get(key, -STARTED_DELAY_S) >= STARTED_DELAY_S for key in waiting):
+            return set()  # one is due (or from an earlier life of the node): those younger go with it
+        return set(waiting)
 
     # -- after deciding -------------------------------------------------------------------------
     def remember(self, plan: Plan, snapshot: Snapshot, inputs: Inputs, held: set[FactKey]) -> None:

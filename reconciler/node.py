@@ -86,12 +86,6 @@ class NodeOptions:
     slurm_container: str | None = None  # --slurm-container: "docker" runs the stage's image inside the job
 
 
-def _only_starts(plan: Plan, held: set[tuple[str, str, str]]) -> bool:
-    """True when the plan's commit could carry nothing but the held start facts."""
-    started = {project for _, project, _ in held}
-    return not (plan.claims or plan.finished or plan.locks) and set(plan.statuses) <= started
-
-
 def _keep_out_of_collections() -> None:
     """After a large read: the snapshot's many long-lived objects leave the cyclic collector's scans.
 
@@ -516,13 +510,13 @@ class Node:
         held = self.memory.fresh_starts(facts)
         with self._pending_lock:
             building = frozenset(self._building)
-        plan = decide(world, Me(self.name, local, facts, may_claim, self.executor.images, building), quiet)
-        if held and _only_starts(plan, held):  # nothing else to commit: the fresh starts wait for company
-            alone = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim,
+        plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim,
+                                self.executor.images, building), quiet)
+        joining = {key for key in held if key[1] in plan.statuses}  # their project's status is written anyway
+        if joining:
+            held -= joining
+            plan = decide(world, Me(self.name, local, tuple(f for f in facts if f.key not in held), may_claim,
                                     self.executor.images, building), quiet)
-            plan, held = (plan, set()) if alone.commit_needed else (alone, held)
-        else:
-            held = set()
         clock.lap("decide")
         self.memory.remember(plan, snapshot, inputs, held)
         self.cycles += 1

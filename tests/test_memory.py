@@ -1,8 +1,12 @@
 """What one cycle leaves for the next: when a cycle may decide nothing, which projects stay quiet, the timers."""
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from reconciler.decide import Plan
-from reconciler.facts import STARTED, Fact
+from reconciler.facts import EXITED, STARTED, Fact
 from reconciler.memory import STARTED_DELAY_S, DecisionMemory, Inputs
 from reconciler.model import ClusterConfig
 from reconciler.snapshot import Snapshot
@@ -60,3 +64,25 @@ def test_a_fresh_start_is_held_and_falls_due_on_its_own() -> None:
     assert not memory.due()
     assert 0 < memory.sleep_budget(CONFIG) <= STARTED_DELAY_S
     assert memory.fresh_starts(()) == set()  # once on main (settled) it is forgotten
+
+
+def test_a_fresh_start_waits_for_its_own_end_not_for_another_run_s_commit() -> None:
+    memory = DecisionMemory()
+    young, other = Fact(STARTED, "p", "1-a-1", "t"), Fact(STARTED, "q", "1-a-1", "t")
+    memory.started(young)
+    memory.started(other)
+    ended = Fact(EXITED, "q", "1-a-1", "t", 0)
+    assert memory.fresh_starts((young, other, ended)) == {young.key}  # q's start goes with q's end; p's waits
+
+
+def test_a_start_that_falls_due_takes_every_younger_one_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = DecisionMemory()
+    old, young = Fact(STARTED, "p", "1-a-1", "t"), Fact(STARTED, "q", "1-a-1", "t")
+    memory.started(old)
+    later = time.monotonic() + STARTED_DELAY_S - 1
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    memory.started(young)
+    assert memory.fresh_starts((old, young)) == {old.key, young.key}
+    monkeypatch.setattr(time, "monotonic", lambda: later + 1.5)
+    assert memory.fresh_starts((old, young)) == set()
+    assert memory.fresh_starts((Fact(STARTED, "r", "1-a-1", "t"),)) == set()  # an earlier life's: due at once
