@@ -110,6 +110,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="how long each stage runs")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (remote, node logs) and say where")
+    parser.add_argument("--verbose", action="store_true", help="the nodes log debug detail (each cycle's phases)")
     args = parser.parse_args()
     cpus = (os.cpu_count() or 2) / 2  # each node offers its machine's count: two stages fit on each
     tmp = Path(tempfile.mkdtemp(prefix="winslow-batch-"))
@@ -127,7 +128,7 @@ def main() -> int:
         for i in range(NODES):
             log = open(tmp / f"node-{i}.log", "wb")
             nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "reconciler", "node", "--repo", str(remote), "--storage", str(tmp / "storage"),
+                [sys.executable, "-m", "reconciler", *(["-v"] if args.verbose else []), "node", "--repo", str(remote), "--storage", str(tmp / "storage"),
                  "--name", f"n{i}", "--executor", args.executor, "--work", str(tmp / f"work-{i}"),
                  "--heartbeat", "2s"], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=REPO))
         time.sleep(6)  # every node has a heartbeat on its branch: each sees the others

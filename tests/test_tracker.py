@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from reconciler.clock import add_seconds, utcnow
 from reconciler.errors import ExecutorError
+from reconciler.executors import tracker as tracking
 from reconciler.executors.base import ExitInfo, LaunchSpec, RunningInfo, StartInfo
 from reconciler.executors.tracker import STOP_GRACE_S, Ended, Found, RunTracker
 
@@ -57,6 +59,7 @@ class FakeEngine:
         self.found_elapsed = 0.0
         self.queues = False  # spawn queues its runs, as a batch system does; the test reports their start
         self.found_queued = False
+        self.listings = 0  # calls of runs(): each is an API call or a batch command for a real engine
 
     def finish(self, run_id: str, code: int | None, reason: str | None = None, started: str | None = None) -> None:
         run = self.held[(PROJECT, run_id)]
@@ -94,6 +97,7 @@ class FakeEngine:
         self.finish(run.run_id, 143, "killed by signal SIGTERM")
 
     def runs(self) -> list[tuple[str, str]]:
+        self.listings += 1
         return list(self.held)
 
     def adopt(self, project: str, run_id: str) -> Found[FakeRun] | None:
@@ -410,3 +414,28 @@ def test_a_run_that_started_at_once_tells_on_start_nothing(tracker, engine, exit
     engine.finish("1-a-1", 0)
     exits.next()
     assert starts.seen == []
+
+
+def test_running_asks_the_engine_first_after_a_failure_and_then_only_now_and_then(engine, monkeypatch) -> None:
+    exits = Exits(failures=1)
+    tracker = RunTracker(NODE, exits, engine)
+    try:
+        engine.hold("0-a-1")  # from an earlier life
+        assert [r.run_id for r in tracker.running()] == ["0-a-1"]
+        tracker.start(spec())
+        for _ in range(5):
+            tracker.running()
+        assert engine.listings == 1  # it follows what it started: nothing to ask
+
+        engine.finish("1-a-1", 4)
+        wait_until(lambda: exits.calls == 1, "the failing report")
+        tracker.running()  # the engine keeps the run: asked again, and it is adopted and reported
+        assert engine.listings == 2
+        assert exits.next().run_id == "1-a-1"
+
+        later = time.monotonic() + tracking.RELIST_S
+        monkeypatch.setattr(tracking, "time", SimpleNamespace(monotonic=lambda: later))
+        tracker.running()
+        assert engine.listings == 3
+    finally:
+        tracker.close()

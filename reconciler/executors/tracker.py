@@ -20,7 +20,10 @@ runs it holds. The `RunTracker` around it makes it an `Executor`:
   the engine keeps what makes the run findable (its container, its record), so
   a later `running()` adopts the run again and reports it again;
 - `running()` adopts what the engine holds and the tracker does not know: the
-  runs of an earlier life of this node, including those that ended meanwhile;
+  runs of an earlier life of this node, including those that ended meanwhile.
+  It asks the engine (a Docker API call, `squeue`) on its first call, after a
+  watcher or an exit report failed, and every RELIST_S besides; between those,
+  every run the engine holds is one the tracker follows;
 - after `close()` the runs go on; the next tracker on the node adopts them.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0  # from TERM to KILL, as `docker stop` gives a container
 WAKE_S = 1.0  # the longest an engine's wait blocks before it looks whether the executor closes
 _JOIN_TIMEOUT_S = 2.0
+RELIST_S = 30.0  # how often running() asks the engine what it holds when nothing says it must
 
 H = TypeVar("H")
 Key = tuple[str, str]  # (project, run_id)
@@ -153,6 +157,7 @@ class RunTracker(Generic[H]):
         self._runs: dict[Key, _Run[H] | None] = {}  # None: being prepared or started, not to be adopted
         self._prepared: set[Key] = set()
         self._closing = threading.Event()
+        self._listed_at: float | None = None  # when running() last asked the engine; None: ask at the next call
 
     # -- the Executor interface ------------------------------------------------
 
@@ -210,11 +215,14 @@ class RunTracker(Generic[H]):
             self._stop(run, reason)
 
     def running(self) -> list[RunningInfo]:
-        for key in self.engine.runs():
-            with self._lock:
-                known = key in self._runs
-            if not known:
-                self._adopt(*key)
+        now = time.monotonic()
+        if self._listed_at is None or now - self._listed_at >= RELIST_S:
+            self._listed_at = now
+            for key in self.engine.runs():
+                with self._lock:
+                    known = key in self._runs
+                if not known:
+                    self._adopt(*key)
         with self._lock:
             runs = [r for r in self._runs.values() if r is not None and not r.reported]
         return sorted((RunningInfo(r.project, r.run_id, r.started) for r in runs),
@@ -313,6 +321,7 @@ class RunTracker(Generic[H]):
         except Exception:  # a watcher must never die silently; the next running() adopts the run afresh
             log.exception("watcher failed: %s", self._describe(run))
             self._forget(run)
+            self._listed_at = None
             return
         if ended is None or self._closing.is_set():
             return  # the run goes on, or its end stays with the engine for the next executor to report
@@ -332,6 +341,7 @@ class RunTracker(Generic[H]):
             self._on_exit(info)
         except Exception:  # the engine keeps the run: a later running() reports it again
             log.exception("on_exit failed, keeping the run: %s", self._describe(run))
+            self._listed_at = None
             return
         run.reported = True
         try:
