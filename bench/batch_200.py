@@ -79,14 +79,14 @@ def plain_loop(executor: str, count: int, duration: float) -> float:
     return time.monotonic() - began
 
 
-def node_cpu(pid: int) -> float:
-    """CPU seconds a node process has used, with the git commands it ran and waited for (its containers and
-    stages are not its children: the Docker engine's, or the wrapper's after it left)."""
+def node_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds a node process has used: its own, and the git commands it ran and waited for (its containers
+    and stages are not its children: the Docker engine's, or the wrapper's after it left)."""
     try:
         times = psutil.Process(pid).cpu_times()
     except psutil.NoSuchProcess:
-        return 0.0
-    return times.user + times.system + times.children_user + times.children_system
+        return 0.0, 0.0
+    return times.user + times.system, times.children_user + times.children_system
 
 
 def history_bytes(remote: Path, base: str) -> tuple[int, int]:
@@ -128,7 +128,8 @@ def main() -> int:
         for i in range(NODES):
             log = open(tmp / f"node-{i}.log", "wb")
             nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "reconciler", *(["-v"] if args.verbose else []), "node", "--repo", str(remote), "--storage", str(tmp / "storage"),
+                [sys.executable, "-m", "reconciler", *(["-v"] if args.verbose else []), "node", "--repo", str(remote),
+                 "--storage", str(tmp / "storage"),
                  "--name", f"n{i}", "--executor", args.executor, "--work", str(tmp / f"work-{i}"),
                  "--heartbeat", "2s"], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=REPO))
         time.sleep(6)  # every node has a heartbeat on its branch: each sees the others
@@ -160,7 +161,8 @@ def main() -> int:
         wall = ended - began
         runs = [r for s in done.values() for r in s.get("runs", [])]
         busy = sum(seconds(r.get("finished")) - seconds(r.get("started")) for r in runs if r.get("started"))
-        cpu = sum(node_cpu(node.pid) for node in nodes)
+        own, children = map(sum, zip(*(node_cpu(node.pid) for node in nodes)))
+        cpu = own + children
         commits = int(git(remote, "rev-list", "--count", "main")) - before
         writes = len(git(remote, "log", "--format=", "--name-only", f"HEAD~{commits}..main", "--",
                          "projects/*/status.yaml").split())
@@ -174,7 +176,8 @@ def main() -> int:
         print(f"{'ratio to the floor':<40}{wall / floor:8.2f}x")
         print(f"{'slots busy':<40}{100 * busy / (wall * SLOTS):8.0f} %")
         share = 100 * cpu / (wall * (os.cpu_count() or 1))
-        print(f"{'CPU used by the nodes and their git':<40}{cpu:8.1f} s = {share:.0f} % of the machine's")
+        print(f"{'CPU used by the nodes and their git':<40}{cpu:8.1f} s = {share:.0f} % of the machine's "
+              f"(git: {children:.1f} s)")
         print(f"{'commits on main':<40}{commits:8d}")
         print(f"{'status.yaml writes per stage run':<40}{writes / max(1, len(runs)):8.1f}")
         print(f"{'commits on main per stage run':<40}{commits / max(1, len(runs)):8.2f}")

@@ -10,6 +10,11 @@ shared by the nodes) and has no hooks is written without `git push`: the commit'
 objects are copied into its object store and main is moved with `git update-ref NEW OLD`,
 the same compare-and-swap under the same lock that receive-pack takes, without the walk
 of the whole tree that a push costs at thousands of projects (about 100 ms at 10,000).
+Heartbeats move the node's branch the same way (forced, as their push is). Fetching from
+any remote on this disk reads its refs and sets the mirror's tracking refs (the objects are
+borrowed through git's alternates): two git processes instead of the five a `git fetch`
+starts (upload-pack, a connectivity walk, automatic maintenance), which the mirror then
+runs itself every GC_EVERY commits.
 A remote with hooks, served over a network, or not bare always gets a real push. Reading the mirror is
 `gitread.GitReader`'s job (`Mirror.reader`); this module is the only one that
 changes it.
@@ -45,7 +50,12 @@ def _parse_tree(data: bytes) -> dict[str, tuple[str, str]]:
 
 
 SPLICE_FROM = 16 * 1024  # trees at least this large are edited in place rather than rebuilt
-GC_EVERY = 50  # compare-and-swaps of a same-disk remote between two `git gc --auto` of it
+GC_EVERY = 50  # writes to a same-disk remote (or commits in the mirror) between two `git gc --auto` of it
+_FETCHED = {  # the remote's refs a fetch brings, and where they go in the mirror (layout.REFSPECS)
+    layout.MAIN_REF: layout.ORIGIN_MAIN,
+    f"refs/heads/{layout.NODE_BRANCHES}": layout.ORIGIN_NODES,
+    f"refs/heads/{layout.RESUME_BRANCHES}": layout.ORIGIN_RESUMES,
+}
 _ENTRY = re.compile(rb"([0-7]{5,6}) ([^\0]+)\0(.{20})", re.S)
 
 
@@ -77,6 +87,12 @@ def _copy_object(source: Path, target: Path, sha: str) -> None:
     os.replace(tmp, into)
 
 
+def _gc_later(repo: Path, env: Mapping[str, str]) -> None:
+    """`git gc --auto` of `repo` on a thread of its own: it packs loose objects once there are many."""
+    threading.Thread(target=git, args=(repo, "gc", "--auto", "--quiet"), kwargs={"env": env, "timeout": 3600,
+                     "check": False}, name="gc", daemon=True).start()
+
+
 class Mirror:
     """A bare mirror of the remote state repo in a node's work folder: fetch into it, commit and push from it."""
 
@@ -86,6 +102,8 @@ class Mirror:
         self.env = git_env(identity)
         self.reader = GitReader(self.path, self.env)
         self._direct: Path | None = None  # a bare remote on this disk without hooks: see the module's doc
+        self._borrowed: Path | None = None  # the git folder of a remote on this disk whose objects the mirror borrows
+        self._commits_made = 0
         self._made = threading.local()  # the objects the commit being built writes, per thread
         self._commits: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # commit -> (parent, its objects)
         self._lock = threading.Lock()
@@ -118,14 +136,40 @@ class Mirror:
         alternates.write_text(f"{store.resolve()}\n")
         assert remote is not None
         self._direct = remote if _plain_bare(remote) else None
+        self._borrowed = store.parent
 
     def git(self, *args: str, input: bytes | None = None, timeout: float = 60.0) -> str:
         return git(self.path, *args, input=input, env=self.env, timeout=timeout)
 
     def fetch(self, timeout: float = 30.0, skip_node: str | None = None) -> None:
         """Fetch main, node and resume branches; `skip_node` leaves out the branch this process pushes itself."""
+        if self._borrowed is not None:
+            self._fetch_refs(self._borrowed, skip_node, timeout)
+            return
         skip = (f"^refs/heads/{layout.node_branch(skip_node)}",) if skip_node else ()
         self.git("fetch", "-q", "--prune", "--no-tags", "origin", *layout.REFSPECS, *skip, timeout=timeout)
+
+    def _fetch_refs(self, remote: Path, skip_node: str | None, timeout: float) -> None:
+        """A fetch from a remote on this disk whose objects the mirror borrows: only refs move, and only
+        those that changed (one `update-ref --stdin` for all of them, pruned ones deleted)."""
+        listed = self.git(f"--git-dir={remote}", "for-each-ref", "--format=%(objectname) %(refname)",
+                          *(prefix.rstrip("/") for prefix in _FETCHED), timeout=timeout)
+        own = layout.ORIGIN + layout.node_branch(skip_node) if skip_node else None
+        theirs: dict[str, str] = {}
+        for line in listed.splitlines():
+            sha, ref = line.split(" ", 1)
+            for prefix, into in _FETCHED.items():
+                if ref == prefix or prefix.endswith("/") and ref.startswith(prefix):
+                    theirs[into + ref[len(prefix):]] = sha
+        if own is not None:
+            theirs.pop(own, None)
+        ours = {ref: sha for ref, sha in self.reader.refs(layout.ORIGIN).items()
+                if ref != own and any(ref == into or into.endswith("/") and ref.startswith(into)
+                                      for into in _FETCHED.values())}
+        commands = [f"update {ref} {sha}" for ref, sha in theirs.items() if ours.get(ref) != sha]
+        commands += [f"delete {ref}" for ref in ours if ref not in theirs]
+        if commands:
+            self.git("update-ref", "--stdin", input="\n".join(commands).encode() + b"\n", timeout=timeout)
 
     def commit(self, parent: str | None, changes: Mapping[str, bytes | None], message: str) -> str:
         """A new commit: `parent`'s tree with `changes` (None deletes a path).
@@ -144,6 +188,9 @@ class Mirror:
         lines = [f"tree {tree}"] + ([f"parent {parent}"] if parent else [])
         lines += [f"author {author} {when}", f"committer {committer} {when}", "", message.rstrip("\n"), ""]
         commit = self._write(b"commit", "\n".join(lines).encode("utf-8"))
+        self._commits_made += 1
+        if self._borrowed is not None and self._commits_made % GC_EVERY == 0:  # no `git fetch` runs maintenance
+            _gc_later(self.path, self.env)
         if self._direct is not None:
             with self._lock:
                 while len(self._commits) >= 64:  # commits never pushed (a cycle that lost its race)
@@ -264,8 +311,7 @@ class Mirror:
             self._direct = None
             return False
         try:
-            for sha in dict.fromkeys(shas):
-                _copy_object(self.path / "objects", remote / "objects", sha)
+            self._copy_objects(remote, shas)
         except OSError:
             return False  # an object not loose here, or the store not writable: a push knows better
         try:
@@ -274,11 +320,34 @@ class Mirror:
             if "but expected" in str(exc) or "cannot lock ref" in str(exc):
                 raise PushRejected(f"main of {remote} moved on: {exc}") from None
             raise
+        self._wrote_directly(remote)
+        return True
+
+    def _copy_objects(self, remote: Path, shas: tuple[str, ...]) -> None:
+        for sha in dict.fromkeys(shas):
+            _copy_object(self.path / "objects", remote / "objects", sha)
+
+    def _wrote_directly(self, remote: Path) -> None:
         self._direct_pushes += 1
         if self._direct_pushes % GC_EVERY == 0:  # what receive-pack would do after a push
-            threading.Thread(target=git, args=(remote, "gc", "--auto", "--quiet"), kwargs={"env": self.env,
-                             "timeout": 3600, "check": False}, name="remote-gc", daemon=True).start()
-        return True
+            _gc_later(remote, self.env)
+
+    def push_heartbeat(self, branch: str, commit: str, timeout: float = 30.0) -> None:
+        """Move (force) the node's own branch on the remote to `commit`."""
+        with self._lock:
+            made = self._commits.pop(commit, None)
+        remote = self._direct
+        if remote is not None and made is not None and _plain_bare(remote):
+            try:
+                self._copy_objects(remote, made[1])
+                git(remote, "update-ref", "-m", "winslow: heartbeat", f"refs/heads/{branch}", commit, env=self.env,
+                    timeout=timeout)
+            except OSError:
+                pass  # a push knows better
+            else:
+                self._wrote_directly(remote)
+                return
+        self.push([f"+{commit}:refs/heads/{branch}"], timeout=timeout)
 
     def push_branch(self, branch: str, commit: str) -> None:
         """Create or move a branch on the remote (no force: it must move forward), and its tracking ref here."""

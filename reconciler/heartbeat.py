@@ -211,8 +211,8 @@ class Heartbeat:
             changes[layout.node_file(self.name)] = content
         try:
             commit = self.mirror.commit(parent, changes, f"{self.name}: heartbeat {self.tick}")
-            self.mirror.push([f"+{commit}:refs/heads/{layout.node_branch(self.name)}"],
-                             timeout=max(2.0, self.settings.current.lease / 4))
+            self.mirror.push_heartbeat(layout.node_branch(self.name), commit,
+                                       timeout=max(2.0, self.settings.current.lease / 4))
         except GitError as exc:
             log.warning("%s: heartbeat not pushed (%s); %.0fs without one", self.name, exc,
                         time.monotonic() - self._last_ok)

@@ -306,7 +306,7 @@ class Node:
         self.executor.running()  # adopt the containers of an earlier life of this node
         self.lister.start()
         self.heartbeat.start()
-        self.watcher = RemoteWatcher(self.options.repo, self.wake, self._config().poll)
+        self.watcher = RemoteWatcher(self.options.repo, self.wake, self._config().poll, heartbeats=False)
         self.watcher.start()
         log.info("node %s up: repo %s, storage %s, executor %s", self.name, self.options.repo,
                  self.storage.root, self.executor.name)

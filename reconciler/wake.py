@@ -4,10 +4,11 @@ A remote on local disk is watched with watchfiles (its refs change on every
 push); any other remote is polled with `git ls-remote`. Container exits set
 the same event from the executor's threads.
 
-Other nodes' heartbeats do not wake the node: each beat moves only its node's
-branch, and nothing decided here waits on it. Liveness reads those branches'
-tips at every fetch, and the node's timers (no longer than a third of the node
-timeout) bring the next fetch when nothing else does.
+A node asks not to be woken by heartbeats (`heartbeats=False`): each beat moves
+only its node's branch, and nothing the node decides waits on it. Liveness reads
+those branches' tips at every fetch, and the node's timers (no longer than a
+third of the node timeout) bring the next fetch when nothing else does. Whoever
+shows live log tails (`winslow logs --follow`) wants them.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ HEARTBEATS = f"refs/heads/{layout.NODE_BRANCHES}"
 class RemoteWatcher:
     """Sets `wake` whenever the remote's refs may have changed."""
 
-    def __init__(self, url: str, wake: threading.Event, poll: float) -> None:
+    def __init__(self, url: str, wake: threading.Event, poll: float, heartbeats: bool = True) -> None:
         self.url = url
+        self.heartbeats = heartbeats  # whether a move of a node's branch alone wakes
         self.wake = wake
         self.poll = poll
         self._stop = threading.Event()
@@ -52,7 +54,7 @@ class RemoteWatcher:
         try:
             for changes in watchfiles.watch(*paths, stop_event=self._stop, debounce=10, step=5,
                                             rust_timeout=500, raise_interrupt=False):
-                if any(not _heartbeat(Path(path), git_dir) for _, path in changes):
+                if self.heartbeats or any(not _heartbeat(Path(path), git_dir) for _, path in changes):
                     log.debug("remote refs changed")
                     self.wake.set()
         except Exception as exc:  # noqa: BLE001 - an unwatchable file system: fall back to polling
@@ -67,7 +69,9 @@ class RemoteWatcher:
                 log.debug("ls-remote failed: %s", exc)
                 self.wake.set()  # let the loop notice the outage (and keep heartbeats honest)
                 continue
-            refs = "\n".join(line for line in refs.splitlines() if not line.partition("\t")[2].startswith(HEARTBEATS))
+            if not self.heartbeats:
+                refs = "\n".join(line for line in refs.splitlines()
+                                  if not line.partition("\t")[2].startswith(HEARTBEATS))
             if refs != self._last:
                 self._last = refs
                 self.wake.set()

@@ -148,3 +148,41 @@ def test_a_remote_with_hooks_gets_a_real_push_so_that_its_hooks_run(mirror: Mirr
     assert mirror._direct_pushes == 0
     assert commit in (tmp_path / "received").read_text()
     _remote_fsck(remote)
+
+
+def _remote_git(remote: Path, *args: str) -> str:
+    return subprocess.run(["git", "--git-dir", str(remote), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_same_disk_remote_s_heartbeat_branch_is_moved_with_every_object_it_needs(mirror: Mirror,
+                                                                                  tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    first = mirror.commit(None, {"nodes/n1.yaml": b"tick: 1\n"}, "n1: heartbeat 1")
+    mirror.push_heartbeat("winslow/nodes/n1", first)
+    again = mirror.commit(None, {"nodes/n1.yaml": b"tick: 2\n"}, "n1: heartbeat 2, a fresh branch")
+    mirror.push_heartbeat("winslow/nodes/n1", again)  # forced, as a heartbeat's push is
+
+    assert mirror._direct_pushes == 2
+    assert _remote_git(remote, "rev-parse", "winslow/nodes/n1") == again
+    _remote_fsck(remote)
+
+
+def test_a_fetch_from_a_same_disk_remote_moves_adds_and_prunes_tracking_refs_but_not_the_node_s_own(
+        mirror: Mirror, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.git"
+    tip = mirror.reader.resolve(ORIGIN_MAIN)
+    commit = _remote_git(remote, "commit-tree", f"{tip}^{{tree}}", "-p", tip, "-m", "a user's commit")
+    for ref in ("refs/heads/winslow/nodes/n1", "refs/heads/winslow/nodes/n2", "refs/heads/resume/p/2"):
+        _remote_git(remote, "update-ref", ref, tip)
+    mirror.fetch(skip_node="n1")
+    assert set(mirror.reader.refs()) == {ORIGIN_MAIN, "refs/remotes/origin/winslow/nodes/n2",
+                                         "refs/remotes/origin/resume/p/2"}
+
+    _remote_git(remote, "update-ref", "refs/heads/main", commit)
+    _remote_git(remote, "update-ref", "-d", "refs/heads/resume/p/2")
+    _remote_git(remote, "update-ref", "refs/heads/other", commit)  # not a branch Winslow follows
+    mirror.fetch(skip_node="n1")
+
+    assert mirror.reader.refs() == {ORIGIN_MAIN: commit, "refs/remotes/origin/winslow/nodes/n2": tip}
+    assert mirror.reader.resolve(ORIGIN_MAIN) == commit  # its object borrowed from the remote's store

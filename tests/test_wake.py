@@ -1,7 +1,8 @@
 """What wakes a node: a change of main (or any ref but a heartbeat) on the remote, watched on disk or polled.
 
 Other nodes' heartbeats move only their own branches; a node that woke for each of
-them fetched and cycled several times a second in a busy cluster for nothing.
+them fetched and cycled several times a second in a busy cluster for nothing. A log
+follower still wakes for them: they carry the live tails.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def move(remote: Path, ref: str) -> None:
     git(remote, "update-ref", ref, commit)
 
 
-def watching(url: str, poll: float) -> Iterator[threading.Event]:
+def watching(url: str, poll: float, heartbeats: bool) -> Iterator[threading.Event]:
     wake = threading.Event()
-    watcher = RemoteWatcher(url, wake, poll)
+    watcher = RemoteWatcher(url, wake, poll, heartbeats)
     watcher.start()
     try:
         yield wake
@@ -62,7 +63,7 @@ def test_a_heartbeat_does_not_wake_the_node_and_a_change_of_main_does(remote: Pa
     daemon = GitDaemon(tmp_path, tmp_path / "daemon.log") if served == "over git://" else None
     try:
         url = daemon.url if daemon else str(remote)
-        for wake in watching(url, poll=0.1):
+        for wake in watching(url, poll=0.1, heartbeats=False):  # a node's
             settle(wake)
             move(remote, "refs/heads/winslow/nodes/n2")
             move(remote, "refs/heads/winslow/nodes/n3")
@@ -77,3 +78,10 @@ def test_a_heartbeat_does_not_wake_the_node_and_a_change_of_main_does(remote: Pa
     finally:
         if daemon:
             daemon.close()
+
+
+def test_who_shows_live_log_tails_is_woken_by_heartbeats(remote: Path) -> None:
+    for wake in watching(str(remote), poll=0.1, heartbeats=True):
+        settle(wake)
+        move(remote, "refs/heads/winslow/nodes/n2")
+        assert wake.wait(WAKE_S), "a heartbeat (a new log tail) did not wake `winslow logs --follow`"
