@@ -103,6 +103,8 @@ class Mirror:
         self.reader = GitReader(self.path, self.env)
         self._direct: Path | None = None  # a bare remote on this disk without hooks: see the module's doc
         self._borrowed: Path | None = None  # the git folder of a remote on this disk whose objects the mirror borrows
+        self._tracking: dict[str, str] | None = None  # the tracking refs as this mirror last read or wrote them
+        self._refs_lock = threading.Lock()  # held while the tracking refs change, so that _tracking stays true
         self._commits_made = 0
         self._made = threading.local()  # the objects the commit being built writes, per thread
         self._commits: dict[str, tuple[str | None, tuple[str, ...]]] = {}  # commit -> (parent, its objects)
@@ -154,6 +156,11 @@ class Mirror:
         those that changed (one `update-ref --stdin` for all of them, pruned ones deleted)."""
         listed = self.git(f"--git-dir={remote}", "for-each-ref", "--format=%(objectname) %(refname)",
                           *(prefix.rstrip("/") for prefix in _FETCHED), timeout=timeout)
+        with self._refs_lock:
+            self._set_tracking(listed, skip_node, timeout)
+
+    def _set_tracking(self, listed: str, skip_node: str | None, timeout: float) -> None:
+        """The tracking refs to what the remote `listed` (for-each-ref's lines); this node's own branch stays."""
         own = layout.ORIGIN + layout.node_branch(skip_node) if skip_node else None
         theirs: dict[str, str] = {}
         for line in listed.splitlines():
@@ -163,13 +170,36 @@ class Mirror:
                     theirs[into + ref[len(prefix):]] = sha
         if own is not None:
             theirs.pop(own, None)
-        ours = {ref: sha for ref, sha in self.reader.refs(layout.ORIGIN).items()
+        every = self._tracking if self._tracking is not None else self.reader.refs(layout.ORIGIN)
+        ours = {ref: sha for ref, sha in every.items()
                 if ref != own and any(ref == into or into.endswith("/") and ref.startswith(into)
                                       for into in _FETCHED.values())}
         commands = [f"update {ref} {sha}" for ref, sha in theirs.items() if ours.get(ref) != sha]
         commands += [f"delete {ref}" for ref in ours if ref not in theirs]
         if commands:
+            self._tracking = None  # unknown until update-ref has done all of it
             self.git("update-ref", "--stdin", input="\n".join(commands).encode() + b"\n", timeout=timeout)
+        self._tracking = {**{ref: sha for ref, sha in every.items() if ref not in ours}, **theirs}
+
+    def refs(self) -> dict[str, str]:
+        """The tracking refs (`refs/remotes/origin/...`) with their commits: what `reader.refs()` lists, without
+        a git process while this mirror knows them (it fetched them itself and wrote every change since)."""
+        with self._refs_lock:
+            if self._tracking is not None:
+                return dict(self._tracking)
+        return self.reader.refs(layout.ORIGIN)
+
+    def set_tracking_ref(self, ref: str, commit: str | None) -> None:
+        """Point a tracking ref at `commit`, or delete it (None)."""
+        with self._refs_lock:
+            known, self._tracking = self._tracking, None
+            if commit is None:
+                self.git("update-ref", "-d", ref)
+            else:
+                self.git("update-ref", ref, commit)
+            if known is not None:
+                known.pop(ref, None)
+                self._tracking = {**known, ref: commit} if commit is not None else known
 
     def commit(self, parent: str | None, changes: Mapping[str, bytes | None], message: str) -> str:
         """A new commit: `parent`'s tree with `changes` (None deletes a path).
@@ -300,7 +330,7 @@ class Mirror:
         parent, shas = made if made is not None else (None, ())
         if not (self._direct is not None and parent and self._swap_main(commit, parent, shas)):
             self.push([f"{commit}:{layout.MAIN_REF}"], timeout=timeout)
-        self.git("update-ref", layout.ORIGIN_MAIN, commit)
+        self.set_tracking_ref(layout.ORIGIN_MAIN, commit)
 
     def _swap_main(self, commit: str, parent: str, shas: tuple[str, ...]) -> bool:
         """Move the same-disk remote's main from `parent` to `commit` itself; False: push instead.
@@ -352,7 +382,7 @@ class Mirror:
     def push_branch(self, branch: str, commit: str) -> None:
         """Create or move a branch on the remote (no force: it must move forward), and its tracking ref here."""
         self.push([f"{commit}:refs/heads/{branch}"])
-        self.git("update-ref", layout.ORIGIN + branch, commit)
+        self.set_tracking_ref(layout.ORIGIN + branch, commit)
 
     def close(self) -> None:
         self.reader.close()

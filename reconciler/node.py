@@ -475,7 +475,7 @@ class Node:
     def cycle(self) -> bool:
         """One decide-and-commit pass on the fetched tip; False when the push lost the race."""
         clock = _Clock()
-        refs = self.repo.reader.refs()
+        refs = self.repo.refs()
         tip = refs.get(layout.ORIGIN_MAIN)
         if tip is None:
             return True

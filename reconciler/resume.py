@@ -48,7 +48,7 @@ def prune_branches(repo: Mirror, branches: list[str]) -> None:
     try:
         repo.push([f":refs/heads/{branch}" for branch in branches])
         for branch in branches:
-            repo.git("update-ref", "-d", layout.ORIGIN + branch)
+            repo.set_tracking_ref(layout.ORIGIN + branch, None)
         log.info("deleted stale %s", ", ".join(branches))
     except GitError as exc:
         log.info("could not delete %s (%s)", ", ".join(branches), exc)

@@ -186,3 +186,10 @@ def test_a_fetch_from_a_same_disk_remote_moves_adds_and_prunes_tracking_refs_but
 
     assert mirror.reader.refs() == {ORIGIN_MAIN: commit, "refs/remotes/origin/winslow/nodes/n2": tip}
     assert mirror.reader.resolve(ORIGIN_MAIN) == commit  # its object borrowed from the remote's store
+    assert mirror.refs() == mirror.reader.refs()  # as the mirror knows them, without asking git
+
+    ours = mirror.commit(commit, {"b.txt": b"2\n"}, "a node's commit")
+    mirror.push_main(ours)
+    mirror.push_branch("resume/p/3", ours)
+    mirror.set_tracking_ref("refs/remotes/origin/winslow/nodes/n2", None)
+    assert mirror.refs() == mirror.reader.refs() == {ORIGIN_MAIN: ours, "refs/remotes/origin/resume/p/3": ours}
