@@ -70,7 +70,7 @@ class RepoView:
         self.results = results
         self._reader = StateReader(include_results=results, earlier_configs=self._earlier_configs)
         self._seen: dict[str, tuple[str, float]] = {}  # node -> (branch tip, monotonic time it was first seen)
-        self._docs: dict[str, tuple[str, NodeInfo | None]] = {}  # node -> (branch tip, its document)
+        self._docs: dict[str, tuple[str, bytes | None, NodeInfo | None]] = {}  # node -> (branch tip, file, document)
 
     @classmethod
     def of_repository(cls, path: Path, results: bool = False) -> RepoView:
@@ -177,7 +177,16 @@ class RepoView:
 
     def node(self, name: str, tip: str) -> NodeInfo | None:
         """The node document on a commit of the node's branch; None when missing or unreadable."""
-        data = self._yaml(tip, layout.node_file(name))
+        return self._node_document(name, tip, self.file(tip, layout.node_file(name)))
+
+    def _node_document(self, name: str, tip: str, raw: bytes | None) -> NodeInfo | None:
+        if raw is None:
+            return None
+        try:
+            data = parse_yaml(raw, layout.node_file(name)).data
+        except InvalidFile as exc:
+            log.debug("%s at %s is unreadable: %s", layout.node_file(name), tip[:10], exc)
+            return None
         if not isinstance(data, dict) or "name" not in data:
             return None
         try:
@@ -213,14 +222,19 @@ class RepoView:
         return views
 
     def _node_info(self, name: str, tip: str) -> NodeInfo | None:
-        """The node's document, read once per heartbeat tip; the last good one when the new one is unreadable."""
+        """The node's document, read once per heartbeat tip and parsed only when it changed (most beats move
+        only the tick); the last good one when the new one is unreadable."""
         known = self._docs.get(name)
         if known is not None and known[0] == tip:
-            return known[1]
-        info = self.node(name, tip)
-        if info is None and known is not None:
-            info = known[1]
-        self._docs[name] = (tip, info)
+            return known[2]
+        raw = self.file(tip, layout.node_file(name))
+        if known is not None and raw is not None and raw == known[1]:
+            info = known[2]
+        else:
+            info = self._node_document(name, tip, raw)
+            if info is None and known is not None:
+                info = known[2]
+        self._docs[name] = (tip, raw, info)
         return info
 
     # -- helpers ------------------------------------------------------------------------------
