@@ -96,7 +96,10 @@ class DecisionMemory:
         now = time.monotonic()
         facts = list(facts)
         pending = {f.key for f in facts if f.kind in (STARTED, QUEUED)}
-        self._started = {key: at for key, at in self._started.items() if key in pending}
+        # Forgotten once settled (on main) and old: a start recorded while this cycle's facts were being read
+        # is not in `facts` yet, and forgetting it now would make it look like an earlier life's, due at once.
+        self._started = {key: at for key, at in self._started.items()
+                         if key in pending or now - at < STARTED_DELAY_S}
         ended = {(f.project, f.run_id) for f in facts if f.kind == EXITED}
         waiting = [f.key for f in facts if f.kind in (STARTED, QUEUED) and (f.project, f.run_id) not in ended]
         if any(now - self._started.get(key, -STARTED_DELAY_S) >= STARTED_DELAY_S for key in waiting):

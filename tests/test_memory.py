@@ -86,3 +86,11 @@ def test_a_start_that_falls_due_takes_every_younger_one_with_it(monkeypatch: pyt
     monkeypatch.setattr(time, "monotonic", lambda: later + 1.5)
     assert memory.fresh_starts((old, young)) == set()
     assert memory.fresh_starts((Fact(STARTED, "r", "1-a-1", "t"),)) == set()  # an earlier life's: due at once
+
+
+def test_a_start_recorded_while_the_facts_were_read_is_still_held_when_it_reaches_them() -> None:
+    memory = DecisionMemory()
+    fact = Fact(STARTED, "p", "1-a-1", "t")
+    memory.started(fact)
+    assert memory.fresh_starts(()) == set()  # this cycle read the journal a moment before the start was recorded
+    assert memory.fresh_starts((fact,)) == {fact.key}  # the next cycle sees it: still young, still held
