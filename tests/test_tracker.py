@@ -439,3 +439,25 @@ def test_running_asks_the_engine_first_after_a_failure_and_then_only_now_and_the
         assert engine.listings == 3
     finally:
         tracker.close()
+
+
+def test_a_stop_note_outlives_the_tracker_until_the_exit_is_reported_and_a_stale_one_goes(engine, tmp_path) -> None:
+    notes = tmp_path / "stops"
+    first = RunTracker(NODE, Exits(), engine, notes)
+    engine.stop = lambda run, grace: engine.stops.append((run.run_id, grace))  # TERM sent; it has not ended yet
+    first.start(spec())
+    first.stop(PROJECT, "1-a-1", "superseded by request 2")
+    first.close()  # the node dies before the run ends
+    (notes / "gone").mkdir()
+    (notes / "gone" / "3-b-1.stop").write_text("aborted")  # its run was removed while nobody watched
+    engine.finish("1-a-1", 143, "killed by signal SIGTERM")
+
+    exits = Exits()
+    second = RunTracker(NODE, exits, engine, notes)
+    try:
+        second.running()
+        assert exits.next() == ExitInfo(PROJECT, "1-a-1", 143, FINISHED, "superseded by request 2")
+        wait_until(lambda: engine.released == ["1-a-1"], "released after the report")
+        assert sorted(notes.rglob("*.stop")) == []
+    finally:
+        second.close()

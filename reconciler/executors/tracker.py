@@ -218,11 +218,13 @@ class RunTracker(Generic[H]):
         now = time.monotonic()
         if self._listed_at is None or now - self._listed_at >= RELIST_S:
             self._listed_at = now
-            for key in self.engine.runs():
+            held = self.engine.runs()
+            for key in held:
                 with self._lock:
                     known = key in self._runs
                 if not known:
                     self._adopt(*key)
+            self._prune_notes(set(held))
         with self._lock:
             runs = [r for r in self._runs.values() if r is not None and not r.reported]
         return sorted((RunningInfo(r.project, r.run_id, r.started) for r in runs),
@@ -410,6 +412,16 @@ class RunTracker(Generic[H]):
         except (OSError, UnicodeDecodeError) as exc:
             log.error("cannot read why run %s of %s was stopped: %s", run_id, project, exc)
             return None
+
+    def _prune_notes(self, held: set[Key]) -> None:
+        """Remove the notes of runs the engine no longer holds (removed by hand while the node was down)."""
+        if self._notes is None or not self._notes.is_dir():
+            return
+        with self._lock:
+            known = held | set(self._runs)
+        for path in self._notes.glob("*/*.stop"):
+            if (path.parent.name, path.name.removesuffix(".stop")) not in known:
+                path.unlink(missing_ok=True)
 
     def _unnote(self, run: _Run[H]) -> None:
         path = self._note_path(run.project, run.run_id)
