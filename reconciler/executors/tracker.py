@@ -219,12 +219,12 @@ class RunTracker(Generic[H]):
         if self._listed_at is None or now - self._listed_at >= RELIST_S:
             self._listed_at = now
             held = self.engine.runs()
+            self._prune_notes(set(held))
             for key in held:
                 with self._lock:
                     known = key in self._runs
                 if not known:
                     self._adopt(*key)
-            self._prune_notes(set(held))
         with self._lock:
             runs = [r for r in self._runs.values() if r is not None and not r.reported]
         return sorted((RunningInfo(r.project, r.run_id, r.started) for r in runs),
@@ -419,9 +419,13 @@ class RunTracker(Generic[H]):
             return
         with self._lock:
             known = held | set(self._runs)
-        for path in self._notes.glob("*/*.stop"):
-            if (path.parent.name, path.name.removesuffix(".stop")) not in known:
-                path.unlink(missing_ok=True)
+        for folder in self._notes.iterdir():
+            try:  # each folder on its own: a report may remove one meanwhile
+                for path in folder.glob("*.stop"):
+                    if (folder.name, path.name.removesuffix(".stop")) not in known:
+                        path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("cannot prune the stop notes in %s: %s", folder, exc)
 
     def _unnote(self, run: _Run[H]) -> None:
         path = self._note_path(run.project, run.run_id)
