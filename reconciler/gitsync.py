@@ -87,6 +87,11 @@ def _copy_object(source: Path, target: Path, sha: str) -> None:
     os.replace(tmp, into)
 
 
+def _under(ref: str, prefix: str) -> bool:
+    """`ref` is `prefix` itself, or below it when `prefix` names a folder (ends with a slash)."""
+    return ref == prefix or prefix.endswith("/") and ref.startswith(prefix)
+
+
 def _gc_later(repo: Path, env: Mapping[str, str]) -> None:
     """`git gc --auto` of `repo` on a thread of its own: it packs loose objects once there are many."""
     threading.Thread(target=git, args=(repo, "gc", "--auto", "--quiet"), kwargs={"env": env, "timeout": 3600,
@@ -166,14 +171,13 @@ class Mirror:
         for line in listed.splitlines():
             sha, ref = line.split(" ", 1)
             for prefix, into in _FETCHED.items():
-                if ref == prefix or prefix.endswith("/") and ref.startswith(prefix):
+                if _under(ref, prefix):
                     theirs[into + ref[len(prefix):]] = sha
         if own is not None:
             theirs.pop(own, None)
         every = self._tracking if self._tracking is not None else self.reader.refs(layout.ORIGIN)
         ours = {ref: sha for ref, sha in every.items()
-                if ref != own and any(ref == into or into.endswith("/") and ref.startswith(into)
-                                      for into in _FETCHED.values())}
+                if ref != own and any(_under(ref, into) for into in _FETCHED.values())}
         commands = [f"update {ref} {sha}" for ref, sha in theirs.items() if ours.get(ref) != sha]
         commands += [f"delete {ref}" for ref in ours if ref not in theirs]
         if commands:
